@@ -1,0 +1,16 @@
+// Declarations of the native backend's functions. Each mirrors, name and signature, a
+// function of fastvae/reference.py (the backend interface); csrc/fastvae.cpp binds them.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace fastvae {
+
+// csrc/cpu/gaussian.cpp
+at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed);
+
+// csrc/cpu/rng.cpp: the raw streams, exposed so tests can check them against the reference.
+at::Tensor philox4x32(const at::Tensor& counters, int64_t seed);
+at::Tensor normal_stream(int64_t seed, int64_t n);
+at::Tensor gumbel_stream(int64_t seed, int64_t rows, int64_t cols);
+
+}  // namespace fastvae

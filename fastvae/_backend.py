@@ -1,0 +1,170 @@
+"""Backend registry and selection.
+
+A backend is a module that provides some of the op functions of ``fastvae.reference``
+(same names, same signatures). It joins by one ``_register`` call below; no op needs
+editing. For each call, ``lookup(op, tensor)`` picks the implementation:
+
+* an explicit backend (``use_backend("native")``) runs the op or raises
+  :class:`BackendError` saying why it cannot (not installed, wrong device, op missing);
+* ``auto`` takes the first backend in the device's preference order that can run it,
+  so an op a backend lacks simply falls through to the next.
+
+Choices are cached per (backend, op, device type, dtype): the hot path is one dict
+lookup after the first call.
+"""
+import contextlib
+import contextvars
+import importlib
+import os
+
+import torch
+
+# The backend interface: the functions of fastvae.reference a backend may provide.
+OPS = (
+    "reparameterize", "reparameterize_backward", "gaussian_kl", "gaussian_kl_backward",
+    "reparameterize_kl", "reparameterize_kl_backward",
+    "gumbel_softmax", "gumbel_softmax_backward", "categorical_kl", "categorical_kl_backward",
+    "nearest_code", "vector_quantize", "vector_quantize_backward",
+)
+KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
+ALL_DTYPES = KERNEL_DTYPES | {torch.float64}
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for something it cannot do here."""
+
+
+class _Backend:
+    def __init__(self, name, module, devices, dtypes, unavailable_hint):
+        self.name = name
+        self._module_name = module
+        self._devices = devices  # () -> set of device types it can run
+        self.dtypes = dtypes
+        self._hint = unavailable_hint
+        self._loaded = None
+        self.load_error = None
+
+    def module(self):
+        if self._loaded is None and self.load_error is None:
+            try:
+                self._loaded = importlib.import_module(self._module_name)
+            except ImportError as exc:  # optional dependency or extension missing
+                self.load_error = exc
+        return self._loaded
+
+    def devices(self):
+        return self._devices() if self.module() is not None else set()
+
+    def implements(self, op):
+        module = self.module()
+        return module is not None and callable(getattr(module, op, None))
+
+    def why_not(self, op, device_type, dtype):
+        """None if this backend runs ``op`` on (device_type, dtype), else the reason."""
+        if self.module() is None:
+            return f"it is not available ({self._hint}: {self.load_error})"
+        if device_type not in self.devices():
+            return f"it cannot run {device_type} tensors here (it runs: {sorted(self.devices()) or 'nothing'})"
+        if dtype not in self.dtypes:
+            return f"it does not take {dtype} inputs (use 'torch' or 'auto' for those)"
+        if not self.implements(op):
+            return f"it does not implement '{op}' yet"
+        return None
+
+
+def _triton_devices():
+    devices = set()
+    if torch.cuda.is_available():
+        devices.add("cuda")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        devices.add("cpu")
+    return devices
+
+
+def _native_devices():
+    return set(importlib.import_module("fastvae._C").devices())
+
+
+_BACKENDS = {}
+# Fastest first, per device type; `auto` walks this list.
+_PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
+_FALLBACK_PREFERENCE = ("torch",)
+
+
+def _register(name, module, devices, dtypes, hint):
+    _BACKENDS[name] = _Backend(name, module, devices, dtypes, hint)
+
+
+_register("triton", "fastvae.kernels", _triton_devices, KERNEL_DTYPES,
+          "needs the triton package, and TRITON_INTERPRET=1 for CPU tensors")
+_register("native", "fastvae._C", _native_devices, KERNEL_DTYPES,
+          "the compiled extension fastvae._C was not built; reinstall with a C++ compiler present")
+_register("torch", "fastvae.reference", lambda: {"cpu", "cuda", "mps", "xpu", "meta"}, ALL_DTYPES, "")
+
+NAMES = ("auto",) + tuple(_BACKENDS)
+_global_choice = os.environ.get("FASTVAE_BACKEND", "auto")
+_scoped_choice = contextvars.ContextVar("fastvae_backend", default=None)
+_cache = {}
+
+
+def _check_name(name):
+    if name not in NAMES:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, NAMES))}, got {name!r}")
+    return name
+
+
+def available_backends():
+    """Names of the backends that run ops on this machine (``auto`` always)."""
+    return ["auto"] + [name for name, b in _BACKENDS.items() if b.devices() and _implements_any(b)]
+
+
+def _implements_any(backend):
+    return any(backend.implements(op) for op in OPS)
+
+
+def get_backend():
+    """The backend name in force here (``use_backend`` scope, else the global one)."""
+    return _scoped_choice.get() or _global_choice
+
+
+def set_backend(name):
+    """Choose the backend globally (``auto``, ``triton``, ``native`` or ``torch``)."""
+    global _global_choice
+    _global_choice = _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Context manager choosing the backend for the ops called inside it."""
+    token = _scoped_choice.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _scoped_choice.reset(token)
+
+
+def lookup(op, tensor):
+    """The implementation of ``op`` for ``tensor``'s device and dtype (cached)."""
+    choice = _scoped_choice.get() or _global_choice
+    key = (choice, op, tensor.device.type, tensor.dtype)
+    impl = _cache.get(key)
+    if impl is None:
+        impl = _cache[key] = _resolve(*key)
+    return impl
+
+
+def _resolve(choice, op, device_type, dtype):
+    if choice != "auto":
+        reason = _BACKENDS[_check_name(choice)].why_not(op, device_type, dtype)
+        if reason is not None:
+            raise BackendError(f"fastvae backend '{choice}' cannot run {op} on {device_type} {dtype}: {reason}")
+        return getattr(_BACKENDS[choice].module(), op)
+    for name in _PREFERENCE.get(device_type, _FALLBACK_PREFERENCE):
+        if _BACKENDS[name].why_not(op, device_type, dtype) is None:
+            return getattr(_BACKENDS[name].module(), op)
+    raise BackendError(f"no fastvae backend can run {op} on {device_type} {dtype}")
+
+
+def implementations(name):
+    """The backend-interface functions (of ``OPS``) that backend ``name`` provides."""
+    return [op for op in OPS if _BACKENDS[_check_name(name)].implements(op)]

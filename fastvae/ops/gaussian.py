@@ -1,0 +1,148 @@
+"""Gaussian column: reparameterize, gaussian_kl and the fused reparameterize_kl."""
+import torch
+
+from ._common import check_float, check_like, check_reduction, define, draw_seed
+
+
+def _like(t):
+    return t.new_empty(t.shape)
+
+
+def _kl_out(mu, reduction):
+    return mu.new_empty(mu.shape if reduction == "none" else ())
+
+
+_reparameterize = define("reparameterize(Tensor mu, Tensor logvar, Tensor seed) -> Tensor",
+                         lambda mu, logvar, seed: _like(mu))
+_reparameterize_backward = define("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor seed) -> Tensor",
+                                  lambda grad_z, logvar, seed: _like(logvar))
+_gaussian_kl = define(
+    "gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, str reduction) -> Tensor",
+    lambda mu, logvar, prior_mu, prior_logvar, reduction: _kl_out(mu, reduction))
+_gaussian_kl_backward = define(
+    "gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
+    "str reduction) -> Tensor[]",
+    lambda grad, mu, logvar, prior_mu, prior_logvar, reduction:
+        [_like(mu) for _ in range(2 if prior_mu is None and prior_logvar is None else 4)])
+_reparameterize_kl = define(
+    "reparameterize_kl(Tensor mu, Tensor logvar, Tensor seed, str reduction) -> (Tensor, Tensor)",
+    lambda mu, logvar, seed, reduction: (_like(mu), _kl_out(mu, reduction)))
+_reparameterize_kl_backward = define(
+    "reparameterize_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor seed, "
+    "str reduction) -> Tensor[]",
+    lambda grad_z, grad_kl, mu, logvar, seed, reduction: [_like(mu), _like(mu)])
+
+
+class _Reparameterize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, seed):
+        ctx.save_for_backward(logvar, seed)
+        return _reparameterize(mu, logvar, seed)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        logvar, seed = ctx.saved_tensors
+        grad_logvar = _reparameterize_backward(grad_z, logvar, seed) if ctx.needs_input_grad[1] else None
+        return grad_z, grad_logvar, None
+
+
+class _GaussianKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, prior_mu, prior_logvar, reduction):
+        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
+        ctx.reduction = reduction
+        return _gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        mu, logvar, prior_mu, prior_logvar = ctx.saved_tensors
+        grads = _gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, ctx.reduction)
+        g_prior_mu = g_prior_logvar = None
+        if prior_mu is not None and ctx.needs_input_grad[2]:
+            g_prior_mu = grads[2].sum_to_size(prior_mu.shape)
+        if prior_logvar is not None and ctx.needs_input_grad[3]:
+            g_prior_logvar = grads[3].sum_to_size(prior_logvar.shape)
+        return grads[0], grads[1], g_prior_mu, g_prior_logvar, None
+
+
+class _ReparameterizeKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, seed, reduction):
+        ctx.save_for_backward(mu, logvar, seed)
+        ctx.reduction = reduction
+        return _reparameterize_kl(mu, logvar, seed, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        mu, logvar, seed = ctx.saved_tensors
+        g_mu, g_logvar = _reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, ctx.reduction)
+        return g_mu, g_logvar, None, None
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_pair(mu, logvar):
+    check_float("mu", mu)
+    check_like("logvar", logvar, "mu", mu)
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar has shape {tuple(logvar.shape)} but mu has {tuple(mu.shape)}; they must match")
+
+
+def reparameterize(mu, logvar, *, generator=None):
+    """Sample ``z = mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``.
+
+    Differentiable in ``mu`` and ``logvar``. The noise is made inside the kernel from a
+    seed drawn from ``generator`` (PyTorch's default generator if None) and is never
+    stored: backward regenerates it. Returns ``z`` in ``mu``'s dtype and shape.
+    """
+    _check_pair(mu, logvar)
+    seed = draw_seed(mu.device, generator)
+    if _needs_grad(mu, logvar):
+        return _Reparameterize.apply(mu, logvar, seed)
+    return _reparameterize(mu, logvar, seed)
+
+
+def _check_prior(name, prior, mu):
+    if prior is None:
+        return None
+    check_float(name, prior)
+    if prior.device != mu.device:
+        raise ValueError(f"{name} is on {prior.device} but mu is on {mu.device}")
+    try:
+        shape = torch.broadcast_shapes(prior.shape, mu.shape)
+    except RuntimeError:
+        shape = None
+    if shape != mu.shape:
+        raise ValueError(f"{name} of shape {tuple(prior.shape)} does not broadcast to mu's shape {tuple(mu.shape)}")
+    return prior if prior.dtype == mu.dtype else prior.to(mu.dtype)
+
+
+def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batchmean"):
+    """``KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar)))``, diagonal Gaussians.
+
+    The prior is N(0, I) where both prior arguments are None (a missing one means mean 0
+    or log-variance 0); the priors broadcast against ``mu`` and receive gradients, as in
+    hierarchical VAEs with a learned prior. ``reduction``: ``"none"`` (elementwise),
+    ``"sum"``, ``"mean"`` (over all elements) or ``"batchmean"`` (sum / ``mu.shape[0]``).
+    Accumulates in float32; returns ``mu``'s dtype.
+    """
+    _check_pair(mu, logvar)
+    check_reduction(reduction)
+    prior_mu = _check_prior("prior_mu", prior_mu, mu)
+    prior_logvar = _check_prior("prior_logvar", prior_logvar, mu)
+    if _needs_grad(mu, logvar, prior_mu, prior_logvar):
+        return _GaussianKL.apply(mu, logvar, prior_mu, prior_logvar, reduction)
+    return _gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction)
+
+
+def reparameterize_kl(mu, logvar, *, reduction="batchmean", generator=None):
+    """``(z, kl)`` from one pass over ``mu`` and ``logvar``: the sample of
+    :func:`reparameterize` and the KL to N(0, I) of :func:`gaussian_kl`."""
+    _check_pair(mu, logvar)
+    check_reduction(reduction)
+    seed = draw_seed(mu.device, generator)
+    if _needs_grad(mu, logvar):
+        return _ReparameterizeKL.apply(mu, logvar, seed, reduction)
+    return _reparameterize_kl(mu, logvar, seed, reduction)

@@ -1,0 +1,115 @@
+"""Gumbel column: gumbel_softmax (soft and straight-through hard) and categorical_kl."""
+import math
+
+import torch
+
+from ._common import check_dim, check_float, check_reduction, define, draw_seed
+
+
+def _categorical_kl_fake(logits, prior_logits, dim, reduction):
+    if reduction != "none":
+        return logits.new_empty(())
+    return logits.new_empty(logits.shape[:dim] + logits.shape[dim + 1:])
+
+
+_gumbel_softmax = define("gumbel_softmax(Tensor logits, Tensor seed, float tau, bool hard, int dim) -> Tensor",
+                         lambda logits, seed, tau, hard, dim: logits.new_empty(logits.shape))
+_gumbel_softmax_backward = define(
+    "gumbel_softmax_backward(Tensor grad_y, Tensor logits, Tensor seed, float tau, int dim) -> Tensor",
+    lambda grad_y, logits, seed, tau, dim: logits.new_empty(logits.shape))
+_categorical_kl = define("categorical_kl(Tensor logits, Tensor? prior_logits, int dim, str reduction) -> Tensor",
+                         _categorical_kl_fake)
+_categorical_kl_backward = define(
+    "categorical_kl_backward(Tensor grad, Tensor logits, Tensor? prior_logits, int dim, str reduction) -> Tensor[]",
+    lambda grad, logits, prior_logits, dim, reduction:
+        [logits.new_empty(logits.shape) for _ in range(1 if prior_logits is None else 2)])
+
+
+class _GumbelSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, seed, tau, hard, dim):
+        ctx.save_for_backward(logits, seed)
+        ctx.tau, ctx.dim = tau, dim
+        return _gumbel_softmax(logits, seed, tau, hard, dim)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        logits, seed = ctx.saved_tensors
+        return _gumbel_softmax_backward(grad_y, logits, seed, ctx.tau, ctx.dim), None, None, None, None
+
+
+class _CategoricalKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, prior_logits, dim, reduction):
+        ctx.save_for_backward(logits, prior_logits)
+        ctx.dim, ctx.reduction = dim, reduction
+        return _categorical_kl(logits, prior_logits, dim, reduction)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, prior_logits = ctx.saved_tensors
+        grads = _categorical_kl_backward(grad, logits, prior_logits, ctx.dim, ctx.reduction)
+        g_prior = None
+        if prior_logits is not None and ctx.needs_input_grad[1]:
+            g_prior = grads[1].sum_to_size(prior_logits.shape)
+        return grads[0], g_prior, None, None
+
+
+def _check_logits(logits, dim):
+    check_float("logits", logits)
+    if logits.dim() == 0:
+        raise ValueError("logits must have at least one dimension (the classes)")
+    return check_dim("dim", dim, logits.dim())
+
+
+def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=None):
+    """Sample from the Gumbel-Softmax (Concrete) distribution over ``dim``.
+
+    A drop-in for :func:`torch.nn.functional.gumbel_softmax` (``eps`` is accepted and
+    unused, as there). ``y = softmax((logits + g) / tau)`` with Gumbel noise ``g`` made in
+    the kernel and never stored. ``hard=True`` returns exact one-hot rows (the argmax of
+    ``logits + g``, ties to the lowest index) carrying the soft sample's gradient
+    (straight-through). ``-inf`` logits are masked classes: never sampled, probability
+    exactly 0. A row whose logits are all ``-inf`` has nothing to sample and gives zeros
+    (and zero gradient) rather than NaN.
+    """
+    dim = _check_logits(logits, dim)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    if not isinstance(hard, bool):
+        raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
+    seed = draw_seed(logits.device, generator)
+    tau = float(tau)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _GumbelSoftmax.apply(logits, seed, tau, hard, dim)
+    return _gumbel_softmax(logits, seed, tau, hard, dim)
+
+
+def categorical_kl(logits, prior_logits=None, *, dim=-1, reduction="batchmean"):
+    """``KL(softmax(logits) || prior)`` along ``dim``: the discrete-VAE (dVAE) ELBO term.
+
+    The prior is uniform over the classes when ``prior_logits`` is None, else
+    ``softmax(prior_logits)`` (broadcast against ``logits``, and differentiable).
+    ``-inf`` logits are masked classes and contribute 0. ``reduction``: ``"none"`` (one
+    KL per distribution: ``logits``' shape without ``dim``), ``"sum"``, ``"mean"`` (over
+    distributions) or ``"batchmean"`` (sum / ``logits.shape[0]``).
+    """
+    dim = _check_logits(logits, dim)
+    check_reduction(reduction)
+    if prior_logits is not None:
+        check_float("prior_logits", prior_logits)
+        if prior_logits.device != logits.device:
+            raise ValueError(f"prior_logits is on {prior_logits.device} but logits is on {logits.device}")
+        try:
+            broadcast = torch.broadcast_shapes(prior_logits.shape, logits.shape) == logits.shape
+        except RuntimeError:
+            broadcast = False
+        if not broadcast:
+            raise ValueError(f"prior_logits of shape {tuple(prior_logits.shape)} does not broadcast to logits' "
+                             f"shape {tuple(logits.shape)}")
+        prior_logits = prior_logits if prior_logits.dtype == logits.dtype else prior_logits.to(logits.dtype)
+    needs_grad = torch.is_grad_enabled() and (logits.requires_grad or (
+        prior_logits is not None and prior_logits.requires_grad))
+    if needs_grad:
+        return _CategoricalKL.apply(logits, prior_logits, dim, reduction)
+    return _categorical_kl(logits, prior_logits, dim, reduction)

@@ -1,0 +1,282 @@
+"""Pure-PyTorch implementation of every fastvae op: the ``torch`` backend and the spec.
+
+Each function here is the backend interface for one op: a backend joins fastvae by
+providing functions with these names and signatures (see ``fastvae._backend``). Inputs
+arrive validated by ``fastvae.ops``; shapes are already normalised (``x`` of the VQ ops
+is ``(N, D)``, ``seed`` is an int64 tensor of one element).
+
+Arithmetic is float32 for float16/bfloat16/float32 inputs and float64 for float64
+inputs, so the tests can evaluate this module in float64 as ground truth.
+
+Random streams (shared bit for bit by every backend, so a seed gives the same sample
+everywhere): Philox-4x32-10 keyed by the 64-bit seed, ``key = (seed & 0xffffffff,
+seed >> 32)``. A 32-bit draw ``r`` becomes the uniform ``u = ((r >> 9) + 0.5) * 2**-23``,
+which lies in ``[2**-24, 1 - 2**-24]`` and is exact in float32, so ``log(u)`` and
+``log(-log(u))`` are always finite.
+
+* Gaussian ops: element ``i`` of the row-major flattened tensor takes lane ``i % 4`` of
+  ``philox(counter=(g & 0xffffffff, g >> 32, 0, 0))`` with ``g = i // 4``; lanes
+  ``(0, 1)`` and ``(2, 3)`` are Box-Muller pairs: ``n0 = r cos(2 pi u1)``,
+  ``n1 = r sin(2 pi u1)``, ``r = sqrt(-2 log u0)`` (likewise ``n2, n3`` from ``u2, u3``).
+* Gumbel ops: with ``dim`` moved last and the rest flattened to rows, element
+  ``(row, c)`` takes lane ``c % 4`` of ``philox(counter=(c // 4, row & 0xffffffff,
+  row >> 32, 0))`` and the noise is ``-log(-log(u))``.
+"""
+import math
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_TWO_PI = 2.0 * math.pi
+
+
+def compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- random streams
+def _mulhilo(const, x):
+    """(hi, lo) 32-bit halves of const * x for uint32 values held in int64 tensors."""
+    c_hi, c_lo = const >> 16, const & 0xFFFF
+    p_lo = x * c_lo  # < 2**48: no int64 overflow
+    p_hi = x * c_hi
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    return hi, lo
+
+
+def philox4x32(seed, c0, c1, c2, c3, rounds=10):
+    """Philox-4x32 on int64 tensors holding uint32 counters; returns four such tensors."""
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(rounds):
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND_A, c0)
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND_B, c2)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _MASK32, (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uint_to_uniform(r, dtype=torch.float32):
+    """uint32 draws (in int64) -> uniforms in [2**-24, 1 - 2**-24], exact in float32."""
+    return ((r >> 9).to(dtype) + 0.5) * 2.0**-23
+
+
+def _seed_int(seed):
+    return int(seed.reshape(-1)[0]) & 0xFFFFFFFFFFFFFFFF
+
+
+def normal_stream(seed, shape, device, dtype=torch.float32):
+    """The standard-normal noise the Gaussian ops use for ``seed`` and ``shape``."""
+    n = math.prod(shape)
+    groups = torch.arange((n + 3) // 4, device=device, dtype=torch.int64)
+    zero = torch.zeros_like(groups)
+    r = philox4x32(_seed_int(seed), groups & _MASK32, groups >> 32, zero, zero)
+    u0, u1, u2, u3 = (uint_to_uniform(x, dtype) for x in r)
+    rad01, rad23 = torch.sqrt(-2.0 * torch.log(u0)), torch.sqrt(-2.0 * torch.log(u2))
+    th01, th23 = _TWO_PI * u1, _TWO_PI * u3
+    lanes = (rad01 * torch.cos(th01), rad01 * torch.sin(th01), rad23 * torch.cos(th23), rad23 * torch.sin(th23))
+    return torch.stack(lanes, dim=-1).reshape(-1)[:n].reshape(shape)
+
+
+def gumbel_stream(seed, rows, cols, device, dtype=torch.float32):
+    """The ``(rows, cols)`` Gumbel(0, 1) noise the Gumbel ops use for ``seed``."""
+    row = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
+    col = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
+    lanes = philox4x32(_seed_int(seed), (col >> 2) + 0 * row, (row & _MASK32) + 0 * col, (row >> 32) + 0 * col,
+                       torch.zeros(rows, cols, device=device, dtype=torch.int64))
+    lane = (col & 3).expand(rows, cols)
+    r = torch.where(lane == 0, lanes[0], torch.where(lane == 1, lanes[1], torch.where(lane == 2, lanes[2], lanes[3])))
+    return -torch.log(-torch.log(uint_to_uniform(r, dtype)))
+
+
+# ---------------------------------------------------------------- Gaussian column
+def _reduce(value, reduction, batch):
+    if reduction == "none":
+        return value
+    total = value.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / max(value.numel(), 1)
+    return total / batch  # batchmean
+
+
+def _reduction_scale(reduction, numel, batch):
+    return {"sum": 1.0, "mean": 1.0 / max(numel, 1), "batchmean": 1.0 / batch}[reduction]
+
+
+def reparameterize(mu, logvar, seed):
+    ct = compute_dtype(mu)
+    eps = normal_stream(seed, mu.shape, mu.device, ct)
+    return (mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps).to(mu.dtype)
+
+
+def reparameterize_backward(grad_z, logvar, seed):
+    ct = compute_dtype(logvar)
+    std = torch.exp(0.5 * logvar.to(ct))
+    return (grad_z.to(ct) * 0.5 * std * normal_stream(seed, logvar.shape, logvar.device, ct)).to(logvar.dtype)
+
+
+def _gaussian_kl_elementwise(mu, logvar, prior_mu, prior_logvar):
+    if prior_mu is None and prior_logvar is None:
+        return 0.5 * (torch.exp(logvar) + mu * mu - 1.0 - logvar)
+    diff = mu if prior_mu is None else mu - prior_mu
+    if prior_logvar is None:
+        return 0.5 * (torch.exp(logvar) + diff * diff - 1.0 - logvar)
+    return 0.5 * (prior_logvar - logvar + (torch.exp(logvar) + diff * diff) * torch.exp(-prior_logvar) - 1.0)
+
+
+def gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction):
+    ct = compute_dtype(mu)
+    prior = [None if p is None else p.to(ct) for p in (prior_mu, prior_logvar)]
+    kl = _gaussian_kl_elementwise(mu.to(ct), logvar.to(ct), *prior)
+    kl = kl.expand(mu.shape) if reduction == "none" else kl
+    return _reduce(kl, reduction, mu.shape[0] if mu.dim() else 1).to(mu.dtype)
+
+
+def gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, reduction):
+    """Gradients for (mu, logvar[, prior_mu, prior_logvar]), the prior ones at mu's shape."""
+    ct = compute_dtype(mu)
+    m, lv = mu.to(ct), logvar.to(ct)
+    g = grad.to(ct)
+    if reduction != "none":
+        g = g * _reduction_scale(reduction, mu.numel(), mu.shape[0] if mu.dim() else 1)
+    diff = m if prior_mu is None else m - prior_mu.to(ct)
+    inv_prior_var = 1.0 if prior_logvar is None else torch.exp(-prior_logvar.to(ct))
+    g_mu = g * diff * inv_prior_var
+    g_lv = g * 0.5 * (torch.exp(lv) * inv_prior_var - 1.0)
+    grads = [g_mu.expand(mu.shape), g_lv.expand(mu.shape)]
+    if prior_mu is not None or prior_logvar is not None:
+        g_pl = -g_lv - 0.5 * diff * g_mu
+        grads += [(-g_mu).expand(mu.shape), g_pl.expand(mu.shape)]
+    return [x.to(mu.dtype) for x in grads]
+
+
+def reparameterize_kl(mu, logvar, seed, reduction):
+    return reparameterize(mu, logvar, seed), gaussian_kl(mu, logvar, None, None, reduction)
+
+
+def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction):
+    g_mu, g_lv = gaussian_kl_backward(grad_kl, mu, logvar, None, None, reduction)
+    g_lv_z = reparameterize_backward(grad_z, logvar, seed)
+    ct = compute_dtype(mu)
+    return [(grad_z.to(ct) + g_mu.to(ct)).to(mu.dtype), (g_lv_z.to(ct) + g_lv.to(ct)).to(mu.dtype)]
+
+
+# ---------------------------------------------------------------- Gumbel column
+def _rows(t, dim):
+    """View ``t`` with ``dim`` moved last, as (rows, K); and a function undoing it."""
+    moved = t.movedim(dim, -1)
+    shape = moved.shape
+    return moved.reshape(-1, shape[-1]), lambda y: y.reshape(shape).movedim(-1, dim)
+
+
+def _gumbel_soft(logits2d, seed, tau):
+    ct = compute_dtype(logits2d)
+    noise = gumbel_stream(seed, logits2d.shape[0], logits2d.shape[1], logits2d.device, ct)
+    perturbed = (logits2d.to(ct) + noise) / tau
+    y = torch.softmax(perturbed, dim=-1)
+    # An all -inf row has nothing to sample: it gives zeros, not NaN.
+    return torch.nan_to_num(y, nan=0.0), perturbed
+
+
+def gumbel_softmax(logits, seed, tau, hard, dim):
+    logits2d, restore = _rows(logits, dim)
+    y, perturbed = _gumbel_soft(logits2d, seed, tau)
+    if hard:
+        index = perturbed.argmax(dim=-1, keepdim=True)
+        valid = (y.sum(dim=-1, keepdim=True) > 0).to(y.dtype)
+        y = torch.zeros_like(y).scatter_(-1, index, valid)
+    return restore(y.to(logits.dtype))
+
+
+def gumbel_softmax_backward(grad_y, logits, seed, tau, dim):
+    """Gradient of the soft sample (also the straight-through gradient of the hard one)."""
+    logits2d, restore = _rows(logits, dim)
+    g2d, _ = _rows(grad_y, dim)
+    y, _ = _gumbel_soft(logits2d, seed, tau)
+    g = g2d.to(y.dtype)
+    grad = y * (g - (g * y).sum(dim=-1, keepdim=True)) / tau
+    return restore(grad.to(logits.dtype))
+
+
+def _categorical_terms(logits2d, prior2d):
+    ct = compute_dtype(logits2d)
+    log_p = torch.log_softmax(logits2d.to(ct), dim=-1)
+    p = log_p.exp()
+    if prior2d is None:
+        log_q = torch.full_like(log_p, -math.log(logits2d.shape[-1]))
+    else:
+        log_q = torch.log_softmax(prior2d.to(ct), dim=-1)
+    # Classes with p = 0 (masked logits) contribute 0, whatever q is.
+    pointwise = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return p, log_q, pointwise.sum(dim=-1)
+
+
+def categorical_kl(logits, prior_logits, dim, reduction):
+    logits2d, _ = _rows(logits, dim)
+    prior2d = None if prior_logits is None else _rows(prior_logits.expand(logits.shape), dim)[0]
+    _, _, kl = _categorical_terms(logits2d, prior2d)
+    moved_shape = logits.movedim(dim, -1).shape[:-1]
+    kl = kl.reshape(moved_shape)
+    return _reduce(kl, reduction, logits.shape[0] if logits.dim() > 1 else 1).to(logits.dtype)
+
+
+def categorical_kl_backward(grad, logits, prior_logits, dim, reduction):
+    """Gradients for logits[, prior_logits], the prior one at the logits' shape."""
+    logits2d, restore = _rows(logits, dim)
+    prior2d = None if prior_logits is None else _rows(prior_logits.expand(logits.shape), dim)[0]
+    p, log_q, kl = _categorical_terms(logits2d, prior2d)
+    n_dist = logits2d.shape[0]
+    if reduction == "none":
+        g = grad.to(p.dtype).reshape(n_dist, 1)
+    else:
+        g = grad.to(p.dtype) * _reduction_scale(reduction, n_dist, logits.shape[0] if logits.dim() > 1 else 1)
+    log_p = torch.log_softmax(logits2d.to(p.dtype), dim=-1)
+    pointwise = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    grads = [restore((g * p * (pointwise - kl[:, None])).to(logits.dtype))]
+    if prior_logits is not None:
+        grads.append(restore((g * (log_q.exp() - p)).to(logits.dtype)))
+    return grads
+
+
+# ---------------------------------------------------------------- VQ column
+_REFERENCE_ROW_BLOCK = 4096
+
+
+def nearest_code(x, codebook):
+    """Exhaustive argmin of squared L2 distance, in row blocks so memory stays bounded."""
+    ct = compute_dtype(x)
+    xc, cb = x.to(ct), codebook.to(ct)
+    cb_sq = (cb * cb).sum(dim=1)
+    indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    for start in range(0, x.shape[0], _REFERENCE_ROW_BLOCK):
+        block = xc[start:start + _REFERENCE_ROW_BLOCK]
+        # ||x||^2 is constant per row, so ranking needs only ||e||^2 - 2 x.e; exact
+        # squared distances of the winners are computed below.
+        indices[start:start + block.shape[0]] = torch.addmm(cb_sq, block, cb.t(), alpha=-2.0).argmin(dim=1)
+    sq_dist = ((xc - cb[indices]) ** 2).sum(dim=1)
+    return indices, sq_dist.to(x.dtype)
+
+
+def vector_quantize(x, codebook, beta):
+    indices, sq_dist = nearest_code(x, codebook)
+    ct = compute_dtype(x)
+    mse = sq_dist.to(ct).sum() / max(x.numel(), 1)
+    quantized = codebook[indices].to(x.dtype)
+    return quantized, indices, ((1.0 + beta) * mse).to(x.dtype)
+
+
+def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, beta):
+    """Straight-through + commitment gradient for x; codebook term for the codebook."""
+    ct = compute_dtype(x)
+    diff = x.to(ct) - codebook.to(ct)[indices]  # x - e
+    scale = grad_loss.to(ct) * 2.0 / max(x.numel(), 1)
+    grad_x = grad_quantized.to(ct) + beta * scale * diff
+    grad_codebook = torch.zeros(codebook.shape, dtype=ct, device=codebook.device)
+    grad_codebook.index_add_(0, indices, -scale * diff)
+    return grad_x.to(x.dtype), grad_codebook.to(codebook.dtype)

@@ -1,0 +1,7 @@
+"""Triton kernels of fastvae (installed as ``fastvae.kernels``): the ``triton`` backend.
+
+This module provides functions named as in ``fastvae.reference`` (the backend interface).
+Importing it needs the ``triton`` package; for CPU tensors set ``TRITON_INTERPRET=1``
+before the first import (Triton reads it when kernels are defined).
+"""
+import triton  # noqa: F401  (a missing triton makes this backend unavailable)

@@ -1,0 +1,53 @@
+"""Build fastvae. The C++ extension fastvae._C is optional: without a C++ compiler (or
+with FASTVAE_NO_EXTENSION=1) the package installs without the `native` backend.
+
+Build against the torch already installed: pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+def extension_modules():
+    if os.environ.get("FASTVAE_NO_EXTENSION") == "1" or shutil.which(os.environ.get("CXX", "c++")) is None:
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    if os.environ.get("FASTVAE_PORTABLE") != "1":
+        cxx_flags.append("-march=native")  # built where it runs (pip install -e .)
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    with_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        extension = cpp_extension.CUDAExtension(
+            "fastvae._C", sources + cuda_sources, define_macros=[("FASTVAE_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        extension = cpp_extension.CppExtension("fastvae._C", sources, extra_compile_args={"cxx": cxx_flags},
+                                               extra_link_args=["-fopenmp"])
+    return [extension], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    name="fastvae",
+    version="0.1.0",
+    description="Fused kernels for the stochastic layers of VAE-family models",
+    packages=["fastvae", "fastvae.ops", "fastvae.kernels"],
+    package_dir={"fastvae.kernels": "kernels"},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "test": ["pytest>=7", "pytest-xdist", "scipy", "triton>=3.2"],
+        "bench": ["faiss-cpu", "vector-quantize-pytorch", "matplotlib"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
