@@ -23,5 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox4x32", &fastvae::philox4x32, "Raw Philox-4x32-10 of (n, 4) uint32 counters held in int64");
   m.def("normal_stream", &fastvae::normal_stream, "The first n values of the Gaussian ops' noise stream");
   m.def("gumbel_stream", &fastvae::gumbel_stream, "The (rows, cols) Gumbel noise of the Gumbel ops");
+  // ---- Gaussian column
   m.def("reparameterize", &fastvae::reparameterize);
+  // ---- Gumbel column
+  // ---- VQ column
 }

@@ -5,8 +5,12 @@
 
 namespace fastvae {
 
-// csrc/cpu/gaussian.cpp
+// ---- Gaussian column: csrc/cpu/gaussian.cpp
 at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed);
+
+// ---- Gumbel column: csrc/cpu/gumbel.cpp
+
+// ---- VQ column: csrc/cpu/vq.cpp
 
 // csrc/cpu/rng.cpp: the raw streams, exposed so tests can check them against the reference.
 at::Tensor philox4x32(const at::Tensor& counters, int64_t seed);

@@ -5,3 +5,7 @@ Importing it needs the ``triton`` package; for CPU tensors set ``TRITON_INTERPRE
 before the first import (Triton reads it when kernels are defined).
 """
 import triton  # noqa: F401  (a missing triton makes this backend unavailable)
+
+# ---- Gaussian column (kernels/gaussian.py)
+# ---- Gumbel column (kernels/gumbel.py)
+# ---- VQ column (kernels/vq.py)

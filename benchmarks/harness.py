@@ -1,0 +1,243 @@
+"""The benchmark harness every ``bench_*.py`` uses.
+
+Candidates of one case run interleaved in one process (round-robin, after warm-up), so
+drift of clocks or load hits them alike. Each sample times enough calls to last
+``min_sample_s``; the reported time is the median sample. Every case prints a row per
+candidate with the speed-up of the fastvae candidate over each alternative and the
+fraction of the hardware floor reached:
+
+* memory floor: ``bytes_moved`` (each input read once, each output written once) over
+  the copy bandwidth measured on the spot;
+* compute floor: ``flops`` over the matrix rate measured on the spot (float32 GEMM).
+
+Results also go to a JSON file (``--out``), one record per (case, candidate).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+
+import torch
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_calls(fn, calls, device):
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def time_interleaved(candidates, device, warmup_s=0.2, samples=15, min_sample_s=0.02):
+    """Median seconds per call of each candidate, sampled round-robin."""
+    calls = {}
+    for name, fn in candidates.items():
+        fn()
+        per_call = _time_calls(fn, 1, device)
+        deadline = time.perf_counter() + warmup_s
+        while time.perf_counter() < deadline:
+            per_call = _time_calls(fn, 1, device)
+        calls[name] = max(1, int(min_sample_s / max(per_call, 1e-9)))
+    times = {name: [] for name in candidates}
+    for _ in range(samples):
+        for name, fn in candidates.items():
+            times[name].append(_time_calls(fn, calls[name], device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_memory(fn, device):
+    """Peak memory (bytes) above the starting level while ``fn`` runs."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return _cpu_peak_rss(fn)
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu_peak_rss(fn):
+    """CPU: poll the resident set while ``fn`` runs (allocations of a few ms or more)."""
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        poller.join()
+    return max(0, max(peak[0], _rss()) - base)
+
+
+_FLOORS = {}
+
+
+def copy_bandwidth(device):
+    """Measured copy bandwidth (bytes read + written per second) on ``device``."""
+    if ("bw", device) not in _FLOORS:
+        n = (256 if torch.device(device).type == "cuda" else 64) * 2**20 // 4
+        src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+        t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, samples=7)["copy"]
+        _FLOORS[("bw", device)] = 2 * 4 * n / t
+    return _FLOORS[("bw", device)]
+
+
+def matrix_rate(device, dtype=torch.float32):
+    """Measured dense matrix-multiply rate (FLOP/s) on ``device`` in ``dtype``."""
+    if ("mm", device, dtype) not in _FLOORS:
+        n = 8192 if torch.device(device).type == "cuda" else 2048
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        t = time_interleaved({"mm": lambda: a @ b}, device, samples=5)["mm"]
+        _FLOORS[("mm", device, dtype)] = 2 * n**3 / t
+    return _FLOORS[("mm", device, dtype)]
+
+
+class Case:
+    """One benchmark case: candidates doing the same work on the same inputs."""
+
+    def __init__(self, op, shape, candidates, bytes_moved=0, flops=0, device="cpu", dtype=torch.float32,
+                 mode="forward", memory=False):
+        self.op, self.shape, self.candidates = op, shape, candidates
+        self.bytes_moved, self.flops, self.device, self.dtype = bytes_moved, flops, device, dtype
+        self.mode, self.memory = mode, memory
+
+
+def _floor_seconds(case):
+    floors = []
+    if case.bytes_moved:
+        floors.append(case.bytes_moved / copy_bandwidth(case.device))
+    if case.flops:
+        floors.append(case.flops / matrix_rate(case.device))
+    return max(floors) if floors else None
+
+
+def run_case(case, args):
+    times = time_interleaved(case.candidates, case.device, samples=args.samples)
+    floor = _floor_seconds(case)
+    ours = {n: t for n, t in times.items() if n.startswith("fastvae")}
+    best_ours = min(ours.values()) if ours else None
+    records = []
+    for name, seconds in times.items():
+        record = {
+            "op": case.op, "mode": case.mode, "shape": list(case.shape), "dtype": str(case.dtype).replace("torch.", ""),
+            "device": case.device, "candidate": name, "median_ms": seconds * 1e3,
+            "floor_fraction": floor / seconds if floor else None,
+            "fastvae_speedup": (seconds / best_ours) if best_ours and not name.startswith("fastvae") else None,
+        }
+        if case.memory:
+            record["peak_mib"] = peak_memory(case.candidates[name], case.device) / 2**20
+        records.append(record)
+    _print_records(records, floor)
+    return records
+
+
+def _print_records(records, floor):
+    head = records[0]
+    floor_txt = f"floor {floor * 1e3:.3f} ms" if floor else "no floor"
+    print(f"\n{head['op']} {head['mode']} shape={tuple(head['shape'])} {head['dtype']} on {head['device']} ({floor_txt})")
+    print(f"  {'candidate':<28}{'median ms':>11}{'of floor':>10}{'fastvae x':>11}" +
+          (f"{'peak MiB':>10}" if "peak_mib" in head else ""))
+    for r in records:
+        frac = f"{100 * r['floor_fraction']:.0f}%" if r["floor_fraction"] else "-"
+        speed = f"{r['fastvae_speedup']:.2f}x" if r["fastvae_speedup"] else "-"
+        mem = f"{r['peak_mib']:>10.1f}" if "peak_mib" in r else ""
+        print(f"  {r['candidate']:<28}{r['median_ms']:>11.3f}{frac:>10}{speed:>11}{mem}")
+
+
+def parser(description):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--samples", type=int, default=15, help="timed samples per candidate (median reported)")
+    p.add_argument("--quick", action="store_true", help="smallest shapes only (smoke test)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile candidates")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: benchmarks/results/...)")
+    return p
+
+
+def environment(device):
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "threads": torch.get_num_threads()}
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    env["copy_bandwidth_gbs"] = copy_bandwidth(device) / 1e9
+    env["matrix_rate_tflops_fp32"] = matrix_rate(device) / 1e12
+    return env
+
+
+def save(name, records, device, out=None):
+    tag = torch.cuda.get_device_name().replace(" ", "_") if torch.device(device).type == "cuda" else "cpu"
+    path = out or os.path.join(os.path.dirname(__file__), "results",
+                               f"{name}-{tag}-{datetime.date.today().isoformat()}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"environment": environment(device), "records": records}, f, indent=1)
+    print(f"\nresults written to {path}")
+    return path
+
+
+def forward_backward(fn, *inputs):
+    """A callable running ``fn`` on leaf copies of ``inputs`` and back-propagating the sum
+    of its float outputs (grads reset each call)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+
+    def step():
+        for leaf in leaves:
+            leaf.grad = None
+        out = fn(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        sum(o.float().sum() for o in outs if o.is_floating_point()).backward()
+
+    return step
+
+
+def compiled(fn, args):
+    """``torch.compile(fn)`` unless ``--no-compile``; None then."""
+    return None if args.no_compile else torch.compile(fn)
+
+
+def fastvae_candidates(call, device, ops):
+    """``{"fastvae[<backend>]": call}`` for each backend running all of ``ops`` on ``device``.
+
+    The backend is switched with the global ``set_backend`` (an assignment), so the
+    switch costs nothing measurable even at tiny shapes.
+    """
+    import fastvae
+    from fastvae import _backend
+
+    out = {}
+    for name in fastvae.available_backends():
+        if name == "auto" or torch.device(device).type not in _backend._BACKENDS[name].devices():
+            continue
+        if not set(ops) <= set(_backend.implementations(name)):
+            continue
+
+        def run(name=name):
+            fastvae.set_backend(name)
+            return call()
+
+        out[f"fastvae[{name}]"] = run
+    return out
