@@ -1,0 +1,37 @@
+"""The project's two jobs, each on a fresh machine with nothing but Python and pip:
+
+    python -m pip install nox && python -m nox -s bench   # the benchmark suite, printing its tables
+    python -m pip install nox && python -m nox -s tests   # the test suite
+
+Both reuse a torch that is already installed (the venv sees the system site-packages);
+where none is, they install ``torch==2.13.0`` (on the project's CPU machines the local
+CPU build), never an unpinned torch. The extension is built with --no-build-isolation
+against that torch.
+"""
+import nox
+
+nox.options.default_venv_backend = "venv"
+TORCH_PIN = "torch==2.13.0"
+
+
+def _install(session, extras):
+    probe = "import importlib.util; print('torch' if importlib.util.find_spec('torch') else 'none')"
+    if "torch" not in session.run("python", "-c", probe, silent=True):
+        session.install(TORCH_PIN)
+    session.install("numpy", "setuptools", "wheel", "pybind11", "ninja", *extras)
+    session.install("--no-build-isolation", "-e", ".")
+    session.run("python", "-c", "import fastvae; print('fastvae backends:', fastvae.available_backends())")
+
+
+@nox.session(venv_params=["--system-site-packages"])
+def tests(session):
+    """Build, then run the whole test suite (Triton kernels under the interpreter on CPU)."""
+    _install(session, ["pytest", "pytest-xdist", "scipy", "triton"])
+    session.run("python", "-m", "pytest", "-n", "2", "--durations=15", *session.posargs)
+
+
+@nox.session(venv_params=["--system-site-packages"])
+def bench(session):
+    """Build, then run every benchmark on the default device and print the tables."""
+    _install(session, ["faiss-cpu", "vector-quantize-pytorch"])
+    session.run("python", "benchmarks/run_all.py", *session.posargs)
