@@ -9,11 +9,13 @@ _SEED_BOUND = 2**63 - 1
 
 
 def define(schema, fake):
-    """Define ``fastvae::<name>`` from ``schema``, dispatched through the backend registry.
+    """Define ``fastvae::<name>`` from ``schema``; return the function that calls it.
 
     The op is registered as CompositeExplicitAutograd (every device key) with a fake
-    implementation, so ``torch.compile``/``torch.export`` treat it as one opaque node;
-    autograd is supplied by the caller's ``torch.autograd.Function``.
+    implementation, so ``torch.compile``/``torch.export``/fake tensors treat it as one
+    opaque node; autograd comes from the caller's ``torch.autograd.Function``. In plain
+    eager calls the returned function skips the dispatcher round trip (about 5 us) and
+    calls the chosen backend directly: same implementation, same result.
     """
     name = schema.split("(", 1)[0]
     LIB.define(schema)
@@ -24,7 +26,16 @@ def define(schema, fake):
 
     LIB.impl(name, run, "CompositeExplicitAutograd")
     torch.library.register_fake(f"fastvae::{name}", fake, lib=LIB)
-    return getattr(torch.ops.fastvae, name).default
+    op = getattr(torch.ops.fastvae, name).default
+    is_compiling, dispatch_modes = torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack
+
+    def call(first, *rest):
+        if type(first) is torch.Tensor and not dispatch_modes() and not is_compiling():
+            return lookup(name, first)(first, *rest)
+        return op(first, *rest)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 def check_float(name, tensor):
