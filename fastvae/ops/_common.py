@@ -30,7 +30,7 @@ def define(schema, fake):
     is_compiling, dispatch_modes = torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack
 
     def call(first, *rest):
-        if type(first) is torch.Tensor and not dispatch_modes() and not is_compiling():
+        if not is_compiling() and type(first) is torch.Tensor and not dispatch_modes():
             return lookup(name, first)(first, *rest)
         return op(first, *rest)
 
