@@ -222,8 +222,8 @@ def compiled(fn, args):
 def fastvae_candidates(call, device, ops):
     """``{"fastvae[<backend>]": call}`` for each backend running all of ``ops`` on ``device``.
 
-    The backend is switched with the global ``set_backend`` (an assignment), so the
-    switch costs nothing measurable even at tiny shapes.
+    The backend is switched with the global ``set_backend`` (an assignment) and restored
+    after the call, which costs nothing measurable even at tiny shapes.
     """
     import fastvae
     from fastvae import _backend
@@ -237,7 +237,10 @@ def fastvae_candidates(call, device, ops):
 
         def run(name=name):
             fastvae.set_backend(name)
-            return call()
+            try:
+                return call()
+            finally:
+                fastvae.set_backend("auto")
 
         out[f"fastvae[{name}]"] = run
     return out
