@@ -28,6 +28,7 @@ def test_available_backends_lists_auto_and_torch():
     assert set(_backend.implementations("torch")) == set(_backend.OPS)
 
 
+@pytest.mark.skipif(os.environ.get("FASTVAE_NO_EXTENSION") == "1", reason="built without the extension")
 def test_native_extension_builds_and_is_listed():
     # The extension is part of every install with a compiler (CI builds it): it must load.
     import fastvae._C  # noqa: F401

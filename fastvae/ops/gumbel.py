@@ -1,5 +1,6 @@
 """Gumbel column: gumbel_softmax (soft and straight-through hard) and categorical_kl."""
 import math
+import numbers
 
 import torch
 
@@ -74,7 +75,9 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     (and zero gradient) rather than NaN.
     """
     dim = _check_logits(logits, dim)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+    if isinstance(tau, torch.Tensor) and tau.numel() == 1 and tau.is_floating_point():
+        tau = tau.item()  # an annealed temperature kept in a tensor
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")

@@ -1,7 +1,7 @@
 """VQ column: nearest_code (exhaustive nearest-codebook search) and vector_quantize."""
 import torch
 
-from ._common import check_float, check_like, define
+from ._common import check_float, define
 
 _nearest_code = define(
     "nearest_code(Tensor x, Tensor codebook) -> (Tensor, Tensor)",
@@ -33,8 +33,11 @@ class _VectorQuantize(torch.autograd.Function):
 
 
 def _flatten(x, codebook):
+    """Check ``x`` and ``codebook``; return ``x`` as (N, D) and the codebook in x's dtype."""
     check_float("x", x)
-    check_like("codebook", codebook, "x", x)
+    check_float("codebook", codebook)
+    if codebook.device != x.device:
+        raise ValueError(f"codebook is on {codebook.device} but x is on {x.device}")
     if codebook.dim() != 2:
         raise ValueError(f"codebook must be 2-D (num_codes, dim), got shape {tuple(codebook.shape)}")
     if x.dim() == 0 or x.shape[-1] != codebook.shape[1]:
@@ -42,7 +45,8 @@ def _flatten(x, codebook):
                          f"dim ({codebook.shape[1]})")
     if codebook.shape[0] == 0:
         raise ValueError("codebook must have at least one code")
-    return x.reshape(-1, x.shape[-1])
+    # Under autocast x is often half while the codebook parameter stays float32.
+    return x.reshape(-1, x.shape[-1]), codebook.to(x.dtype)
 
 
 def nearest_code(x, codebook):
@@ -54,7 +58,7 @@ def nearest_code(x, codebook):
     dtype. Works tile by tile: the ``(N, K)`` distance matrix is never made. Not
     differentiable (use :func:`vector_quantize` for training).
     """
-    flat = _flatten(x, codebook)
+    flat, codebook = _flatten(x, codebook)
     indices, sq_dist = _nearest_code(flat, codebook)
     return indices.reshape(x.shape[:-1]), sq_dist.reshape(x.shape[:-1])
 
@@ -66,11 +70,12 @@ def vector_quantize(x, codebook, *, beta=0.25):
     through to ``x`` (``x + sg(codebook[indices] - x)``); ``loss = mse(codebook[indices],
     sg(x)) + beta * mse(x, sg(codebook[indices]))``, whose gradients reach ``codebook``
     (codebook term) and ``x`` (commitment term). ``x``: ``(..., D)``; ``codebook``:
-    ``(K, D)``; ``indices`` has shape ``x.shape[:-1]``.
+    ``(K, D)``, cast to ``x``'s dtype when it differs (a float32 codebook under autocast);
+    ``indices`` has shape ``x.shape[:-1]``.
     """
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a number, got {type(beta).__name__}")
-    flat = _flatten(x, codebook)
+    flat, codebook = _flatten(x, codebook)
     beta = float(beta)
     if torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad):
         quantized, indices, loss = _VectorQuantize.apply(flat, codebook, beta)
