@@ -1,6 +1,6 @@
 """fastvae: fused kernels for the stochastic layers of VAE-family models."""
+from . import nn  # fastvae.nn is usable after `import fastvae`, as torch.nn is
 from ._backend import BackendError, available_backends, get_backend, set_backend, use_backend
-from . import nn  # noqa: E402  (fastvae.nn after `import fastvae`, like torch.nn)
 from .ops import (categorical_kl, gaussian_kl, gumbel_softmax, nearest_code, reparameterize, reparameterize_kl,
                   vector_quantize)
 
