@@ -33,7 +33,8 @@ def gumbel4(seed, row, quad):
     c0 = quad.to(tl.uint32)
     c1 = row.to(tl.uint32)
     c2 = (row >> 32).to(tl.uint32)
-    c0, c1, c2 = tl.broadcast(c0, c1), tl.broadcast(c1, c0), tl.broadcast(c2, c0)
+    c0, c1 = tl.broadcast(c0, c1)
+    c0, c2 = tl.broadcast(c0, c2)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c0 * 0)
     return (-tl.log(-tl.log(uint_to_uniform(r0))), -tl.log(-tl.log(uint_to_uniform(r1))),
             -tl.log(-tl.log(uint_to_uniform(r2))), -tl.log(-tl.log(uint_to_uniform(r3))))
