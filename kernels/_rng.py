@@ -30,11 +30,12 @@ def normal4(seed, group):
 def gumbel4(seed, row, quad):
     """Four Gumbel(0, 1) blocks: columns 4*quad + lane of ``row`` (blocks broadcast)."""
     row = row.to(tl.int64)
-    c0 = quad.to(tl.uint32)
-    c1 = row.to(tl.uint32)
-    c2 = (row >> 32).to(tl.uint32)
-    c0, c1 = tl.broadcast(c0, c1)
-    c0, c2 = tl.broadcast(c0, c2)
+    quad = quad.to(tl.uint32)
+    row_lo = row.to(tl.uint32)
+    # `+ zero` broadcasts row and column counters to the block's shape
+    c0 = quad + row_lo * 0
+    c1 = row_lo + quad * 0
+    c2 = (row >> 32).to(tl.uint32) + quad * 0
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c0 * 0)
     return (-tl.log(-tl.log(uint_to_uniform(r0))), -tl.log(-tl.log(uint_to_uniform(r1))),
             -tl.log(-tl.log(uint_to_uniform(r2))), -tl.log(-tl.log(uint_to_uniform(r3))))
