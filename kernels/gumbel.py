@@ -28,6 +28,13 @@ def _row_starts(rows, inner, outer_stride, inner_stride):
 
 
 @triton.jit
+def _inverse_or_zero(s):
+    """1 / s where s > 0, else 0 (the sum of an all -inf row)."""
+    has_mass = s > 0
+    return tl.where(has_mass, 1.0 / tl.where(has_mass, s, 1.0), 0.0)
+
+
+@triton.jit
 def _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
                     BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr):
     """((logits + g) * inv_tau, columns, mask) of the tile of columns col0 .. col0 + 4 * BLOCK_Q."""
@@ -61,7 +68,7 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
             m = tl.maximum(tl.max(z, axis=1), _MIN_FLOAT)
             e = tl.exp(z - m[:, None])
             s = tl.sum(e, axis=1)
-            y = e * tl.where(s > 0, 1.0 / s, 0.0)[:, None]  # an all -inf row gives zeros
+            y = e * _inverse_or_zero(s)[:, None]  # an all -inf row gives zeros
             if MODE == _BACKWARD:
                 g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :].to(tl.int64) * g_cs, mask=mask, other=0.0)
                 g = g.to(tl.float32)
@@ -99,7 +106,7 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
                 g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :].to(tl.int64) * g_cs, mask=mask, other=0.0)
                 t = t * rescale + tl.sum(g.to(tl.float32) * e, axis=1)
             m = m_new
-        inv_s = tl.where(s > 0, 1.0 / s, 0.0)
+        inv_s = _inverse_or_zero(s)
         dot = t * inv_s
         for col0 in range(0, K, BLOCK_K):
             z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
@@ -139,11 +146,10 @@ def _kl_kernel(x_ptr, q_ptr, kl_ptr, row_grad_ptr, gx_ptr, gq_ptr, n_rows, K, in
         x, q, mask = _kl_tile(x_ptr, q_ptr, x_rows, q_rows, x_cs, q_cs, row_mask, col0, K, HAS_PRIOR, BLOCK_K)
         e = tl.exp(x - m_x[:, None])
         # Classes with p = 0 (masked logits) contribute 0 whatever q is.
-        term = tl.where(e > 0, e * ((x - m_x[:, None]) - (q - m_q[:, None])), 0.0)
-        weighted += tl.sum(term, axis=1)
+        weighted += tl.sum(e * _where_mass(e, x - m_x[:, None], q - m_q[:, None]), axis=1)
     has_mass = s_x > 0
     log_s_x = tl.log(tl.where(has_mass, s_x, 1.0))
-    log_s_q = tl.log(s_q)
+    log_s_q = tl.log(tl.where(s_q > 0, s_q, 1.0))  # s_q = 0 only in rows past the end
     kl = tl.where(has_mass, weighted / tl.where(has_mass, s_x, 1.0) - log_s_x + log_s_q, 0.0)
     if not BACKWARD:
         tl.store(kl_ptr + rows, kl, mask=row_mask)
@@ -155,13 +161,20 @@ def _kl_kernel(x_ptr, q_ptr, kl_ptr, row_grad_ptr, gx_ptr, gq_ptr, n_rows, K, in
         for col0 in range(0, K, BLOCK_K):
             x, q, mask = _kl_tile(x_ptr, q_ptr, x_rows, q_rows, x_cs, q_cs, row_mask, col0, K, HAS_PRIOR, BLOCK_K)
             p = tl.where(has_mass[:, None], tl.exp(x - log_norm_x[:, None]), 0.0)
-            log_ratio = (x - log_norm_x[:, None]) - (q - log_norm_q[:, None])
+            log_ratio = _where_mass(p, x - log_norm_x[:, None], q - log_norm_q[:, None])
             gx = tl.where(p > 0, g[:, None] * p * (log_ratio - kl[:, None]), 0.0)
             offsets = out_rows[:, None] + (col0 + tl.arange(0, BLOCK_K))[None, :].to(tl.int64) * inner
             tl.store(gx_ptr + offsets, gx.to(gx_ptr.dtype.element_ty), mask=mask)
             if HAS_PRIOR:
                 gq = g[:, None] * (tl.exp(q - log_norm_q[:, None]) - p)
                 tl.store(gq_ptr + offsets, gq.to(gq_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _where_mass(p, log_p, log_q):
+    """log_p - log_q where p > 0, else 0 (never -inf - -inf for masked classes)."""
+    has_mass = p > 0
+    return tl.where(has_mass, log_p, 0.0) - tl.where(has_mass, log_q, 0.0)
 
 
 @triton.jit
