@@ -15,9 +15,11 @@ import triton.language as tl
 
 from ._rng import gumbel4
 
-_SOFT, _HARD, _BACKWARD = 0, 1, 2
+# Globals a kernel reads must be constexpr (compiled Triton refuses plain Python globals).
+_SOFT, _HARD, _BACKWARD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+# Running-max start: finite, so exp(m - m_new) never meets inf - inf.
+_MIN_FLOAT = tl.constexpr(-3.4028234663852886e38)
 _TILE_ELEMENTS = 8192  # elements of one (rows x columns) tile per program
-_MIN_FLOAT = -3.4028234663852886e38  # running-max start: finite, so exp(m - m_new) is never inf - inf
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -58,7 +60,6 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
     x_rows = _row_starts(rows, inner, x_os, x_is)
     g_rows = _row_starts(rows, inner, g_os, g_is)
     out_rows = _row_starts(rows, inner, out_os, 1)  # the output is contiguous: column stride `inner`
-    BLOCK_K: tl.constexpr = 4 * BLOCK_Q
     if SINGLE_TILE:
         z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, 0, K, inv_tau, BLOCK_R, BLOCK_Q)
         if MODE == _HARD:
@@ -78,15 +79,15 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
     elif MODE == _HARD:
         best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         best_col = tl.zeros((BLOCK_R,), tl.int32)
-        for col0 in range(0, K, BLOCK_K):
+        for col0 in range(0, K, 4 * BLOCK_Q):
             z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
                                             BLOCK_R, BLOCK_Q)
             tile_best = tl.max(z, axis=1)
             better = tile_best > best  # strict: ties keep the earlier tile's (lower) column
             best_col = tl.where(better, tl.argmax(z, axis=1, tie_break_left=True) + col0, best_col)
             best = tl.maximum(best, tile_best)
-        for col0 in range(0, K, BLOCK_K):
-            cols = col0 + tl.arange(0, BLOCK_K)
+        for col0 in range(0, K, 4 * BLOCK_Q):
+            cols = col0 + tl.arange(0, 4 * BLOCK_Q)
             mask = row_mask[:, None] & (cols[None, :] < K)
             y = (cols[None, :] == best_col[:, None]) & (best > float("-inf"))[:, None]
             tl.store(out_ptr + out_rows[:, None] + cols[None, :].to(tl.int64) * inner,
@@ -95,7 +96,7 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
         m = tl.full((BLOCK_R,), _MIN_FLOAT, tl.float32)
         s = tl.zeros((BLOCK_R,), tl.float32)
         t = tl.zeros((BLOCK_R,), tl.float32)  # sum of grad * exp(z - m), for backward
-        for col0 in range(0, K, BLOCK_K):
+        for col0 in range(0, K, 4 * BLOCK_Q):
             z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
                                             BLOCK_R, BLOCK_Q)
             m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -108,7 +109,7 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
             m = m_new
         inv_s = _inverse_or_zero(s)
         dot = t * inv_s
-        for col0 in range(0, K, BLOCK_K):
+        for col0 in range(0, K, 4 * BLOCK_Q):
             z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
                                             BLOCK_R, BLOCK_Q)
             y = tl.exp(z - m[:, None]) * inv_s[:, None]
@@ -242,11 +243,11 @@ def _gumbel(mode, logits, grad_y, seed, tau, dim):
 
 
 def gumbel_softmax(logits, seed, tau, hard, dim):
-    return _gumbel(_HARD if hard else _SOFT, logits, None, seed, tau, dim)
+    return _gumbel((_HARD if hard else _SOFT).value, logits, None, seed, tau, dim)
 
 
 def gumbel_softmax_backward(grad_y, logits, seed, tau, dim):
-    return _gumbel(_BACKWARD, logits, grad_y, seed, tau, dim)
+    return _gumbel(_BACKWARD.value, logits, grad_y, seed, tau, dim)
 
 
 def _categorical_kl_rows(logits, prior_logits, dim, row_grad=None):
