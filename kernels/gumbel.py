@@ -9,6 +9,8 @@ quad ``c // 4`` of the row, lane ``c % 4``, as ``fastvae.reference``) and never 
 A row that fits one tile is done in one read; wider rows use an online softmax (running
 max and sum) and a second sweep that regenerates the noise rather than storing it.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -254,9 +256,7 @@ def _categorical_kl_rows(logits, prior_logits, dim, row_grad=None):
     """Per-row KL (float32), or with ``row_grad`` the [grad_logits(, grad_prior)]."""
     K = logits.shape[dim]
     rows = logits.numel() // K if K else 0
-    inner = 1
-    for size in logits.shape[dim + 1:]:
-        inner *= size
+    inner = math.prod(logits.shape[dim + 1:])
     x, x_os, x_is, x_cs = _layout(logits, dim)
     has_prior = prior_logits is not None
     q, q_os, q_is, q_cs = _layout(prior_logits.expand(logits.shape), dim) if has_prior else (x, 0, 0, 0)
