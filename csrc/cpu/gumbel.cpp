@@ -433,6 +433,8 @@ at::Tensor gumbel_softmax(const at::Tensor& logits, const at::Tensor& seed, doub
 at::Tensor gumbel_softmax_backward(const at::Tensor& grad_y, const at::Tensor& logits, const at::Tensor& seed,
                                    double tau, int64_t dim) {
   check_cpu(grad_y, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == logits.sizes() && grad_y.scalar_type() == logits.scalar_type(),
+              "gumbel_softmax_backward: grad_y must have the logits' shape and dtype");
   return gumbel(logits, &grad_y, seed, tau, false, dim);
 }
 
