@@ -26,5 +26,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- Gaussian column
   m.def("reparameterize", &fastvae::reparameterize);
   // ---- Gumbel column
+  m.def("gumbel_softmax", &fastvae::gumbel_softmax);
+  m.def("gumbel_softmax_backward", &fastvae::gumbel_softmax_backward);
+  m.def("categorical_kl", &fastvae::categorical_kl);
+  m.def("categorical_kl_backward", &fastvae::categorical_kl_backward);
   // ---- VQ column
 }

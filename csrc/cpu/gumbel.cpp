@@ -1,0 +1,498 @@
+// Gumbel column, C++ CPU kernels: gumbel_softmax (soft and hard), its backward and the
+// categorical KL. The noise of element (row, c) is lane c % 4 of Philox quad c / 4 of
+// `row` (reference.py), made eight quads or eight rows at a time and never stored.
+//
+// Two loop shapes, chosen by layout:
+// * rows_in_lanes: `dim` last and contiguous, K >= 32. One row at a time; the eight
+//   vector lanes are eight consecutive quads (32 columns), interleaved into column order.
+// * rows_across_lanes: anything else (`dim` not last, e.g. (B, K, H, W) with dim=1, or
+//   narrow K). Eight rows at a time, one per lane; for `dim` not last those rows are
+//   adjacent in memory, so every column is one contiguous vector load and store.
+// Softmax is online: one sweep over the columns makes the noise, the running max and the
+// sum, storing exp(z - running max) and the max of each chunk; a second sweep over that
+// cached row rescales. Backward runs the same sweeps, also accumulating sum(grad * e).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common.h"
+#include "../ops.h"
+#include "vec8.h"
+
+namespace fastvae {
+namespace {
+
+using vec8::kLanes;
+using vec8::VecF;
+using vec8::VecI;
+using vec8::VecU;
+
+enum class Mode { kSoft, kHard, kBackward };
+
+constexpr int kWideChunk = 4 * kLanes;  // columns per step of rows_in_lanes (8 quads)
+constexpr int kTileChunk = 16;          // columns per online-softmax step of rows_across_lanes
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// A tensor seen as (outer, K, inner) around `dim`: row r of the (rows, K) view with `dim`
+// moved last is (o, i) = (r / inner, r % inner), its column c at
+// o * outer_stride + i * inner_stride + c * class_stride.
+struct RowLayout {
+  int64_t inner = 1, outer_stride = 0, inner_stride = 0, class_stride = 0;
+  int64_t offset(int64_t row) const { return row / inner * outer_stride + row % inner * inner_stride; }
+};
+
+// The stride that steps dims [begin, end) of t as one flattened dim, if one does.
+bool flattened_stride(const at::Tensor& t, int64_t begin, int64_t end, int64_t* stride) {
+  *stride = 0;
+  int64_t expected = -1;
+  for (int64_t d = end - 1; d >= begin; --d) {
+    if (t.size(d) == 1) continue;
+    if (expected >= 0 && t.stride(d) != expected) return false;
+    if (expected < 0) *stride = t.stride(d);
+    expected = t.stride(d) * t.size(d);
+  }
+  return true;
+}
+
+// t's RowLayout around dim; t becomes contiguous first when the dims before or after
+// `dim` do not flatten (never for dense or broadcast tensors of the usual layouts).
+RowLayout row_layout(at::Tensor& t, int64_t dim) {
+  RowLayout layout;
+  for (int64_t d = dim + 1; d < t.dim(); ++d) layout.inner *= t.size(d);
+  if (!flattened_stride(t, 0, dim, &layout.outer_stride) || !flattened_stride(t, dim + 1, t.dim(), &layout.inner_stride))
+    t = t.contiguous();
+  flattened_stride(t, 0, dim, &layout.outer_stride);
+  flattened_stride(t, dim + 1, t.dim(), &layout.inner_stride);
+  layout.class_stride = t.stride(dim);
+  return layout;
+}
+
+struct GumbelProblem {
+  uint64_t seed;
+  float inv_tau;
+  int64_t rows, classes;
+  RowLayout x, grad, out;
+};
+
+template <typename scalar_t>
+void load_row(const scalar_t* src, int64_t stride, int64_t n, int64_t padded, float pad, float* dst) {
+  if (stride == 1) {
+    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<float>(src[c]);
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<float>(src[c * stride]);
+  }
+  std::fill(dst + n, dst + padded, pad);
+}
+
+// ---------------------------------------------------------------- rows_in_lanes
+// Gumbel noise of columns 32 * chunk .. 32 * chunk + 31 of `row`, in column order.
+inline void noise_of_chunk(uint64_t seed, uint64_t row, int64_t chunk, VecF out[4]) {
+  VecU bits[4];
+  vec8::philox(seed, (VecU)vec8::lane_index() + static_cast<uint32_t>(kLanes * chunk),
+               vec8::splat_u(static_cast<uint32_t>(row)), vec8::splat_u(static_cast<uint32_t>(row >> 32)), bits);
+  VecF lanes[4];
+  for (int k = 0; k < 4; ++k) lanes[k] = vec8::gumbel_from_bits(bits[k]);
+  vec8::interleave4(lanes, out);
+}
+
+template <typename scalar_t, Mode mode>
+void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t row,
+                   float* buf, float* grad_buf, float* chunk_max) {
+  const int64_t K = p.classes, chunks = (K + kWideChunk - 1) / kWideChunk, padded = chunks * kWideChunk;
+  load_row(x + p.x.offset(row), 1, K, padded, -kInf, buf);
+  scalar_t* out_row = out + p.out.offset(row);
+  if (mode == Mode::kHard) {
+    // Per-slot running argmax of logits + noise; a strict > keeps the lowest column.
+    VecF best[4];
+    VecI best_col[4];
+    for (int v = 0; v < 4; ++v) best[v] = vec8::splat(-kInf), best_col[v] = VecI{} - 1;
+    for (int64_t j = 0; j < chunks; ++j) {
+      VecF noise[4];
+      noise_of_chunk(p.seed, row, j, noise);
+      for (int v = 0; v < 4; ++v) {
+        const VecF z = vec8::load(buf + kWideChunk * j + kLanes * v) + noise[v];
+        const VecI better = z > best[v];
+        best[v] = vec8::select(better, z, best[v]);
+        best_col[v] = vec8::select(better, vec8::lane_index() + static_cast<int32_t>(kWideChunk * j + kLanes * v),
+                                   best_col[v]);
+      }
+    }
+    float top = -kInf;
+    int64_t top_col = -1;
+    for (int v = 0; v < 4; ++v)
+      for (int lane = 0; lane < kLanes; ++lane)
+        if (best[v][lane] > top || (best[v][lane] == top && best_col[v][lane] < top_col && best_col[v][lane] >= 0))
+          top = best[v][lane], top_col = best_col[v][lane];
+    std::fill(out_row, out_row + K, static_cast<scalar_t>(0.0f));
+    if (top_col >= 0) out_row[top_col] = static_cast<scalar_t>(1.0f);
+    return;
+  }
+  if (mode == Mode::kBackward) load_row(grad + p.grad.offset(row), p.grad.class_stride, K, padded, 0.0f, grad_buf);
+  float running_max = -FLT_MAX;  // finite, so exp(running_max - new max) never sees inf - inf
+  VecF sum{}, grad_dot{};
+  for (int64_t j = 0; j < chunks; ++j) {
+    VecF noise[4], z[4];
+    noise_of_chunk(p.seed, row, j, noise);
+    float* chunk = buf + kWideChunk * j;
+    for (int v = 0; v < 4; ++v) z[v] = (vec8::load(chunk + kLanes * v) + noise[v]) * p.inv_tau;
+    const float top = vec8::horizontal_max(vec8::max(vec8::max(z[0], z[1]), vec8::max(z[2], z[3])));
+    if (top > running_max) {
+      const float rescale = std::exp(running_max - top);
+      sum *= rescale;
+      grad_dot *= rescale;
+      running_max = top;
+    }
+    chunk_max[j] = running_max;
+    for (int v = 0; v < 4; ++v) {
+      const VecF e = vec8::exp_nonpositive(z[v] - running_max);
+      vec8::store(chunk + kLanes * v, e);
+      sum += e;
+      if (mode == Mode::kBackward) grad_dot += e * vec8::load(grad_buf + kWideChunk * j + kLanes * v);
+    }
+  }
+  const float total = vec8::horizontal_sum(sum);
+  const float inv_sum = total > 0.0f ? 1.0f / total : 0.0f;  // an all -inf row gives zeros
+  const float dot = vec8::horizontal_sum(grad_dot) * inv_sum;
+  float scaled_max = std::nanf(""), scale = 0.0f;
+  for (int64_t j = 0; j < chunks; ++j) {
+    if (chunk_max[j] != scaled_max) scaled_max = chunk_max[j], scale = std::exp(chunk_max[j] - running_max) * inv_sum;
+    float* chunk = buf + kWideChunk * j;
+    for (int v = 0; v < 4; ++v) {
+      const VecF y = vec8::load(chunk + kLanes * v) * scale;
+      if (mode == Mode::kSoft) {
+        vec8::store(chunk + kLanes * v, y);
+      } else {
+        const VecF g = vec8::load(grad_buf + kWideChunk * j + kLanes * v);
+        vec8::store(chunk + kLanes * v, y * (g - dot) * p.inv_tau);
+      }
+    }
+  }
+  for (int64_t c = 0; c < K; ++c) out_row[c] = static_cast<scalar_t>(buf[c]);
+}
+
+// ---------------------------------------------------------------- rows_across_lanes
+// Element offsets of eight rows starting at `first` (rows past the end repeat the last
+// row: they recompute and rewrite its values, which is harmless); `contiguous` when the
+// eight are consecutive in memory.
+struct LaneOffsets {
+  int64_t at[kLanes];
+  bool contiguous;
+  LaneOffsets(const RowLayout& layout, int64_t first, int64_t rows) {
+    contiguous = true;
+    for (int lane = 0; lane < kLanes; ++lane) {
+      at[lane] = layout.offset(std::min(first + lane, rows - 1));
+      contiguous = contiguous && at[lane] == at[0] + lane;
+    }
+  }
+};
+
+template <typename scalar_t>
+void load_tile(const scalar_t* src, const LaneOffsets& lanes, int64_t stride, int64_t n, int64_t padded, float pad,
+               float* tile) {
+  for (int64_t c = 0; c < n; ++c) {
+    float* column = tile + c * kLanes;
+    if (lanes.contiguous) {
+      const scalar_t* s = src + lanes.at[0] + c * stride;
+      for (int lane = 0; lane < kLanes; ++lane) column[lane] = static_cast<float>(s[lane]);
+    } else {
+      for (int lane = 0; lane < kLanes; ++lane) column[lane] = static_cast<float>(src[lanes.at[lane] + c * stride]);
+    }
+  }
+  std::fill(tile + n * kLanes, tile + padded * kLanes, pad);
+}
+
+template <typename scalar_t>
+void store_tile(const float* tile, const LaneOffsets& lanes, int64_t stride, int64_t n, scalar_t* dst) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float* column = tile + c * kLanes;
+    if (lanes.contiguous) {
+      scalar_t* d = dst + lanes.at[0] + c * stride;
+      for (int lane = 0; lane < kLanes; ++lane) d[lane] = static_cast<scalar_t>(column[lane]);
+    } else {
+      for (int lane = 0; lane < kLanes; ++lane) dst[lanes.at[lane] + c * stride] = static_cast<scalar_t>(column[lane]);
+    }
+  }
+}
+
+template <typename scalar_t, Mode mode>
+void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t first,
+                       float* tile, float* grad_tile, VecF* chunk_max) {
+  const int64_t K = p.classes, chunks = (K + kTileChunk - 1) / kTileChunk, padded = chunks * kTileChunk;
+  const LaneOffsets x_lanes(p.x, first, p.rows), out_lanes(p.out, first, p.rows);
+  load_tile(x, x_lanes, p.x.class_stride, K, padded, -kInf, tile);
+  VecU row_lo, row_hi;
+  for (int lane = 0; lane < kLanes; ++lane) {
+    const uint64_t row = static_cast<uint64_t>(std::min(first + lane, p.rows - 1));
+    row_lo[lane] = static_cast<uint32_t>(row), row_hi[lane] = static_cast<uint32_t>(row >> 32);
+  }
+  // z of the 16 columns of chunk j, one vector (eight rows) per column.
+  auto perturbed_chunk = [&](int64_t j, VecF z[kTileChunk]) {
+    for (int quad = 0; quad < kTileChunk / 4; ++quad) {
+      VecU bits[4];
+      vec8::philox(p.seed, vec8::splat_u(static_cast<uint32_t>(kTileChunk / 4 * j + quad)), row_lo, row_hi, bits);
+      for (int k = 0; k < 4; ++k) {
+        const int64_t c = kTileChunk * j + 4 * quad + k;
+        z[4 * quad + k] = vec8::load(tile + c * kLanes) + vec8::gumbel_from_bits(bits[k]);
+      }
+    }
+  };
+  if (mode == Mode::kHard) {
+    VecF best = vec8::splat(-kInf);
+    VecI best_col = VecI{} - 1;
+    for (int64_t j = 0; j < chunks; ++j) {
+      VecF z[kTileChunk];
+      perturbed_chunk(j, z);
+      for (int k = 0; k < kTileChunk; ++k) {
+        const VecI better = z[k] > best;  // strict: ties keep the lowest column
+        best = vec8::select(better, z[k], best);
+        best_col = vec8::select(better, VecI{} + static_cast<int32_t>(kTileChunk * j + k), best_col);
+      }
+    }
+    std::fill(tile, tile + K * kLanes, 0.0f);
+    for (int lane = 0; lane < kLanes; ++lane)
+      if (best_col[lane] >= 0) tile[best_col[lane] * kLanes + lane] = 1.0f;
+    store_tile(tile, out_lanes, p.out.class_stride, K, out);
+    return;
+  }
+  if (mode == Mode::kBackward) {
+    const LaneOffsets grad_lanes(p.grad, first, p.rows);
+    load_tile(grad, grad_lanes, p.grad.class_stride, K, padded, 0.0f, grad_tile);
+  }
+  VecF running_max = vec8::splat(-FLT_MAX), sum{}, grad_dot{};
+  for (int64_t j = 0; j < chunks; ++j) {
+    VecF z[kTileChunk];
+    perturbed_chunk(j, z);
+    VecF top = running_max;
+    for (int k = 0; k < kTileChunk; ++k) top = vec8::max(top, z[k] *= p.inv_tau);
+    const VecF rescale = vec8::exp_nonpositive(running_max - top);
+    sum *= rescale;
+    grad_dot *= rescale;
+    running_max = chunk_max[j] = top;
+    for (int k = 0; k < kTileChunk; ++k) {
+      float* column = tile + (kTileChunk * j + k) * kLanes;
+      const VecF e = vec8::exp_nonpositive(z[k] - running_max);
+      vec8::store(column, e);
+      sum += e;
+      if (mode == Mode::kBackward) grad_dot += e * vec8::load(grad_tile + (kTileChunk * j + k) * kLanes);
+    }
+  }
+  const VecF inv_sum = vec8::select(sum > 0.0f, 1.0f / sum, VecF{});  // all -inf rows give zeros
+  const VecF dot = grad_dot * inv_sum;
+  for (int64_t j = 0; j < chunks; ++j) {
+    const VecF scale = vec8::exp_nonpositive(chunk_max[j] - running_max) * inv_sum;
+    for (int k = 0; k < kTileChunk; ++k) {
+      float* column = tile + (kTileChunk * j + k) * kLanes;
+      const VecF y = vec8::load(column) * scale;
+      if (mode == Mode::kSoft) {
+        vec8::store(column, y);
+      } else {
+        const VecF g = vec8::load(grad_tile + (kTileChunk * j + k) * kLanes);
+        vec8::store(column, y * (g - dot) * p.inv_tau);
+      }
+    }
+  }
+  store_tile(tile, out_lanes, p.out.class_stride, K, out);
+}
+
+// ---------------------------------------------------------------- dispatch
+template <typename scalar_t, Mode mode>
+void run_gumbel(const GumbelProblem& p, const scalar_t* x, const scalar_t* grad, scalar_t* out) {
+  const int64_t K = p.classes;
+  const bool lanes_are_columns = p.x.inner == 1 && p.x.class_stride == 1 && K >= kWideChunk;
+  if (lanes_are_columns) {
+    const int64_t chunks = (K + kWideChunk - 1) / kWideChunk;
+    at::parallel_for(0, p.rows, std::max<int64_t>(1, 32768 / K), [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(chunks * kWideChunk), grad_buf(mode == Mode::kBackward ? chunks * kWideChunk : 0);
+      std::vector<float> chunk_max(chunks);
+      for (int64_t row = begin; row < end; ++row)
+        rows_in_lanes<scalar_t, mode>(p, x, grad, out, row, buf.data(), grad_buf.data(), chunk_max.data());
+    });
+    return;
+  }
+  const int64_t chunks = (K + kTileChunk - 1) / kTileChunk, padded = chunks * kTileChunk;
+  const int64_t blocks = (p.rows + kLanes - 1) / kLanes;
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 4096 / K), [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(padded * kLanes), grad_tile(mode == Mode::kBackward ? padded * kLanes : 0);
+    std::vector<VecF> chunk_max(chunks);
+    for (int64_t block = begin; block < end; ++block)
+      rows_across_lanes<scalar_t, mode>(p, x, grad, out, block * kLanes, tile.data(), grad_tile.data(),
+                                        chunk_max.data());
+  });
+}
+
+at::Tensor gumbel(const at::Tensor& logits, const at::Tensor* grad_y, const at::Tensor& seed, double tau, bool hard,
+                  int64_t dim) {
+  check_cpu(logits, "logits");
+  auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (logits.numel() == 0) return out;
+  at::Tensor x = logits, grad = grad_y ? *grad_y : at::Tensor();
+  GumbelProblem p{read_seed(seed), static_cast<float>(1.0 / tau), 0, logits.size(dim),
+                  row_layout(x, dim), grad_y ? row_layout(grad, dim) : RowLayout{}, row_layout(out, dim)};
+  p.rows = logits.numel() / p.classes;
+  FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "gumbel_softmax", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (grad_y) {
+      run_gumbel<scalar_t, Mode::kBackward>(p, xp, grad.data_ptr<scalar_t>(), op);
+    } else if (hard) {
+      run_gumbel<scalar_t, Mode::kHard>(p, xp, nullptr, op);
+    } else {
+      run_gumbel<scalar_t, Mode::kSoft>(p, xp, nullptr, op);
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------- categorical KL
+// KL(softmax(x) || softmax(q)) of one row, from rows loaded as float (padded with -inf to
+// a multiple of kLanes; a uniform prior is a row of zeros). Sums are taken centred on each
+// row's max so logits of any magnitude lose no precision.
+struct LogSoftmax {
+  float max, log_sum;  // log softmax(v) = v - max - log_sum; an all -inf row has sum 0
+};
+
+LogSoftmax log_softmax_of(const float* v, int64_t padded) {
+  VecF top = vec8::splat(-kInf);
+  for (int64_t c = 0; c < padded; c += kLanes) top = vec8::max(top, vec8::load(v + c));
+  const float m = vec8::horizontal_max(top);
+  if (m == -kInf) return {0.0f, -kInf};
+  VecF sum{};
+  for (int64_t c = 0; c < padded; c += kLanes) sum += vec8::exp_nonpositive(vec8::load(v + c) - m);
+  return {m, std::log(vec8::horizontal_sum(sum))};
+}
+
+struct KLRow {
+  LogSoftmax p, q;
+  float kl;
+};
+
+// Classes with p = 0 (masked logits) contribute 0 whatever q is.
+KLRow kl_of_row(const float* x, const float* q, int64_t padded) {
+  KLRow row{log_softmax_of(x, padded), log_softmax_of(q, padded), 0.0f};
+  if (row.p.log_sum == -kInf) return row;
+  VecF weighted{};
+  for (int64_t c = 0; c < padded; c += kLanes) {
+    const VecF xc = vec8::load(x + c) - row.p.max, qc = vec8::load(q + c) - row.q.max;
+    const VecF e = vec8::exp_nonpositive(xc);
+    weighted += vec8::select(e > 0.0f, e * (xc - qc), VecF{});
+  }
+  row.kl = vec8::horizontal_sum(weighted) * std::exp(-row.p.log_sum) - row.p.log_sum + row.q.log_sum;
+  return row;
+}
+
+struct KLInputs {
+  at::Tensor x, prior;  // prior undefined for the uniform prior
+  RowLayout x_layout, prior_layout;
+  int64_t rows, classes, padded;
+};
+
+KLInputs kl_inputs(const at::Tensor& logits, const c10::optional<at::Tensor>& prior_logits, int64_t dim) {
+  check_cpu(logits, "logits");
+  KLInputs in;
+  in.x = logits;
+  in.x_layout = row_layout(in.x, dim);
+  if (prior_logits.has_value() && prior_logits->defined()) {
+    in.prior = prior_logits->expand(logits.sizes());
+    in.prior_layout = row_layout(in.prior, dim);
+  }
+  in.classes = logits.size(dim);
+  in.rows = in.classes ? logits.numel() / in.classes : 0;
+  in.padded = (in.classes + kLanes - 1) / kLanes * kLanes;
+  return in;
+}
+
+// Runs body(row, x_row, q_row, kl_row) over all rows, in parallel, with the rows as float.
+template <typename scalar_t, typename Body>
+void for_each_kl_row(const KLInputs& in, const Body& body) {
+  const scalar_t* x = in.x.data_ptr<scalar_t>();
+  const scalar_t* prior = in.prior.defined() ? in.prior.data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, in.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(in.classes, 1)),
+                   [&](int64_t begin, int64_t end) {
+    std::vector<float> x_row(in.padded), q_row(in.padded, 0.0f);
+    std::fill(q_row.begin() + in.classes, q_row.end(), -kInf);
+    for (int64_t row = begin; row < end; ++row) {
+      load_row(x + in.x_layout.offset(row), in.x_layout.class_stride, in.classes, in.padded, -kInf, x_row.data());
+      if (prior)
+        load_row(prior + in.prior_layout.offset(row), in.prior_layout.class_stride, in.classes, in.padded, -kInf,
+                 q_row.data());
+      body(row, x_row.data(), q_row.data(), kl_of_row(x_row.data(), q_row.data(), in.padded));
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor gumbel_softmax(const at::Tensor& logits, const at::Tensor& seed, double tau, bool hard, int64_t dim) {
+  return gumbel(logits, nullptr, seed, tau, hard, dim);
+}
+
+at::Tensor gumbel_softmax_backward(const at::Tensor& grad_y, const at::Tensor& logits, const at::Tensor& seed,
+                                   double tau, int64_t dim) {
+  check_cpu(grad_y, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == logits.sizes() && grad_y.scalar_type() == logits.scalar_type(),
+              "gumbel_softmax_backward: grad_y must have the logits' shape and dtype");
+  return gumbel(logits, &grad_y, seed, tau, false, dim);
+}
+
+at::Tensor categorical_kl(const at::Tensor& logits, const c10::optional<at::Tensor>& prior_logits, int64_t dim,
+                          const std::string& reduction) {
+  const KLInputs in = kl_inputs(logits, prior_logits, dim);
+  auto kl = at::zeros({in.rows}, logits.options().dtype(at::kFloat));
+  float* kl_out = kl.data_ptr<float>();
+  FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "categorical_kl", [&] {
+    for_each_kl_row<scalar_t>(in, [&](int64_t row, const float*, const float*, const KLRow& r) { kl_out[row] = r.kl; });
+  });
+  if (reduction == "none") {
+    auto shape = logits.sizes().vec();
+    shape.erase(shape.begin() + dim);
+    return kl.reshape(shape).to(logits.scalar_type());
+  }
+  auto total = kl.sum();
+  if (reduction == "mean") total = total / static_cast<double>(std::max<int64_t>(in.rows, 1));
+  if (reduction == "batchmean") total = total / static_cast<double>(logits.dim() > 1 ? logits.size(0) : 1);
+  return total.to(logits.scalar_type());
+}
+
+std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at::Tensor& logits,
+                                                const c10::optional<at::Tensor>& prior_logits, int64_t dim,
+                                                const std::string& reduction) {
+  const KLInputs in = kl_inputs(logits, prior_logits, dim);
+  // Upstream gradient of each row's KL.
+  at::Tensor row_grad;
+  if (reduction == "none") {
+    row_grad = grad.reshape({in.rows}).to(at::kFloat).contiguous();
+  } else {
+    double scale = 1.0;
+    if (reduction == "mean") scale = 1.0 / static_cast<double>(std::max<int64_t>(in.rows, 1));
+    if (reduction == "batchmean") scale = 1.0 / static_cast<double>(logits.dim() > 1 ? logits.size(0) : 1);
+    row_grad = (grad.to(at::kFloat).reshape({1}) * scale).expand({in.rows}).contiguous();
+  }
+  const float* g = row_grad.data_ptr<float>();
+  auto grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  std::vector<at::Tensor> grads{grad_logits};
+  if (in.prior.defined()) grads.push_back(at::empty_like(grad_logits));
+  if (in.rows == 0) return grads;
+  at::Tensor out = grad_logits;
+  const RowLayout out_layout = row_layout(out, dim);
+  FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "categorical_kl_backward", [&] {
+    scalar_t* gx = grad_logits.data_ptr<scalar_t>();
+    scalar_t* gq = in.prior.defined() ? grads[1].data_ptr<scalar_t>() : nullptr;
+    for_each_kl_row<scalar_t>(in, [&](int64_t row, const float* x, const float* q, const KLRow& r) {
+      const int64_t base = out_layout.offset(row), stride = out_layout.class_stride;
+      const float log_norm_q = r.q.max + r.q.log_sum, log_norm_p = r.p.max + r.p.log_sum;
+      for (int64_t c = 0; c < in.classes; ++c) {
+        const float p = r.p.log_sum == -kInf ? 0.0f : std::exp(x[c] - log_norm_p);
+        const float d = p > 0.0f ? g[row] * p * ((x[c] - log_norm_p) - (q[c] - log_norm_q) - r.kl) : 0.0f;
+        gx[base + c * stride] = static_cast<scalar_t>(d);
+        if (gq) gq[base + c * stride] = static_cast<scalar_t>(g[row] * (std::exp(q[c] - log_norm_q) - p));
+      }
+    });
+  });
+  return grads;
+}
+
+}  // namespace fastvae

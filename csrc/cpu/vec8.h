@@ -1,0 +1,162 @@
+// Eight-lane float/uint32 vectors (GCC/Clang vector extensions) and the vectorised
+// pieces of the Gumbel stream: Philox-4x32-10 on eight counters at once, the uniform
+// mapping of philox.h, and fast log/exp accurate to about one float32 ulp.
+//
+// Eight 32-bit lanes are one AVX2 register: wider extension vectors are lowered
+// element by element for comparisons on AVX2, which costs more than it gains.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors are only passed between inlined helpers
+
+#define FASTVAE_VEC_INLINE static inline __attribute__((always_inline))
+
+namespace fastvae {
+namespace vec8 {
+
+constexpr int kLanes = 8;
+typedef float VecF __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t VecU __attribute__((vector_size(4 * kLanes)));
+typedef int32_t VecI __attribute__((vector_size(4 * kLanes)));
+typedef uint64_t VecU64 __attribute__((vector_size(8 * kLanes)));
+
+FASTVAE_VEC_INLINE VecF splat(float v) { return VecF{} + v; }
+FASTVAE_VEC_INLINE VecU splat_u(uint32_t v) { return VecU{} + v; }
+FASTVAE_VEC_INLINE VecI lane_index() { return VecI{0, 1, 2, 3, 4, 5, 6, 7}; }
+
+FASTVAE_VEC_INLINE VecF load(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+FASTVAE_VEC_INLINE void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+
+// mask ? a : b, per lane (mask lanes all ones or all zeros, as comparisons give).
+FASTVAE_VEC_INLINE VecF select(VecI mask, VecF a, VecF b) { return (VecF)(((VecI)a & mask) | ((VecI)b & ~mask)); }
+FASTVAE_VEC_INLINE VecI select(VecI mask, VecI a, VecI b) { return (a & mask) | (b & ~mask); }
+FASTVAE_VEC_INLINE VecF max(VecF a, VecF b) { return select(a > b, a, b); }
+
+FASTVAE_VEC_INLINE float horizontal_max(VecF v) {
+  float m = v[0];
+  for (int lane = 1; lane < kLanes; ++lane) m = v[lane] > m ? v[lane] : m;
+  return m;
+}
+FASTVAE_VEC_INLINE float horizontal_sum(VecF v) {
+  float s = 0.0f;
+  for (int lane = 0; lane < kLanes; ++lane) s += v[lane];
+  return s;
+}
+
+// (hi, lo) 32-bit halves of a * b per lane.
+FASTVAE_VEC_INLINE VecU mulhilo(VecU a, uint32_t b, VecU* lo) {
+#if defined(__AVX2__)
+  // AVX2 multiplies even 32-bit lanes into 64-bit products; the odd lanes are shifted to
+  // even positions for a second multiply, and the halves are blended back in lane order.
+  __m256i x;
+  std::memcpy(&x, &a, sizeof x);
+  const __m256i factor = _mm256_set1_epi32(static_cast<int>(b));
+  const __m256i even = _mm256_mul_epu32(x, factor);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), factor);
+  const __m256i hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  const __m256i low = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  VecU out;
+  std::memcpy(&out, &hi, sizeof out);
+  std::memcpy(lo, &low, sizeof out);
+  return out;
+#else
+  const VecU64 product = __builtin_convertvector(a, VecU64) * static_cast<uint64_t>(b);
+  *lo = __builtin_convertvector(product, VecU);
+  return __builtin_convertvector(product >> 32, VecU);
+#endif
+}
+
+// philox4x32_10 of philox.h on eight counters (c0, c1, c2, 0) at once; out[k] is lane k.
+FASTVAE_VEC_INLINE void philox(uint64_t seed, VecU c0, VecU c1, VecU c2, VecU out[4]) {
+  VecU c3 = VecU{};
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    VecU lo_a, lo_b;
+    const VecU hi_a = mulhilo(c0, 0xD2511F53u, &lo_a);
+    const VecU hi_b = mulhilo(c2, 0xCD9E8D57u, &lo_b);
+    c0 = hi_b ^ c1 ^ k0;
+    c1 = lo_b;
+    c2 = hi_a ^ c3 ^ k1;
+    c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
+}
+
+// log(x) for positive normal x (the only inputs the Gumbel transform produces): x is
+// split as 2^e * (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)), log(1 + f) by a minimax
+// polynomial, ln 2 in two parts so e * ln 2 stays exact. Error below one ulp.
+FASTVAE_VEC_INLINE VecF log_positive(VecF x) {
+  const VecU shifted = (VecU)x - 0x3f3504f3u;  // bits of sqrt(1/2)
+  const VecF exponent = __builtin_convertvector((VecI)shifted >> 23, VecF);
+  const VecF f = (VecF)((shifted & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  const VecF f2 = f * f;
+  VecF p = splat(7.0376836292e-2f);
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const VecF r = f * f2 * p + exponent * -2.12194440e-4f - 0.5f * f2;
+  return (f + r) + exponent * 0.693359375f;
+}
+
+// exp(x) for x <= 0 (softmax arguments after the max is subtracted), -inf included:
+// 2^n * exp(r) with |r| <= ln2 / 2 by a polynomial; results below the smallest normal
+// float (x < -87.33) flush to 0. Error about one ulp.
+FASTVAE_VEC_INLINE VecF exp_nonpositive(VecF x) {
+  const VecF lowest = splat(-87.33f);
+  const VecI in_range = x > lowest;
+  const VecF clamped = select(in_range, x, lowest);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const VecF shifted = clamped * 1.44269504088896341f + shifter;
+  const VecF n = shifted - shifter;
+  VecF r = n * -0.693359375f + clamped;
+  r = n * 2.12194440e-4f + r;
+  VecF p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const VecF two_to_n = (VecF)(((VecU)shifted - (VecU)splat(shifter) + 127u) << 23);
+  return select(in_range, p * two_to_n, VecF{});
+}
+
+// Gumbel(0, 1) noise -log(-log(u)) from raw draws, u as uint_to_uniform of philox.h.
+FASTVAE_VEC_INLINE VecF gumbel_from_bits(VecU bits) {
+  const VecF u = __builtin_convertvector((VecI)(bits >> 9), VecF) * 0x1p-23f + 0x1p-24f;
+  return -log_positive(-log_positive(u));
+}
+
+// Four vectors holding lanes 0..3 of eight Philox quads -> the 32 values in column order
+// (quad q, lane k at position 4q + k).
+FASTVAE_VEC_INLINE void interleave4(const VecF lanes[4], VecF out[4]) {
+  const VecF ab_lo = __builtin_shufflevector(lanes[0], lanes[1], 0, 8, 1, 9, 2, 10, 3, 11);
+  const VecF cd_lo = __builtin_shufflevector(lanes[2], lanes[3], 0, 8, 1, 9, 2, 10, 3, 11);
+  const VecF ab_hi = __builtin_shufflevector(lanes[0], lanes[1], 4, 12, 5, 13, 6, 14, 7, 15);
+  const VecF cd_hi = __builtin_shufflevector(lanes[2], lanes[3], 4, 12, 5, 13, 6, 14, 7, 15);
+  out[0] = __builtin_shufflevector(ab_lo, cd_lo, 0, 1, 8, 9, 2, 3, 10, 11);
+  out[1] = __builtin_shufflevector(ab_lo, cd_lo, 4, 5, 12, 13, 6, 7, 14, 15);
+  out[2] = __builtin_shufflevector(ab_hi, cd_hi, 0, 1, 8, 9, 2, 3, 10, 11);
+  out[3] = __builtin_shufflevector(ab_hi, cd_hi, 4, 5, 12, 13, 6, 7, 14, 15);
+}
+
+}  // namespace vec8
+}  // namespace fastvae
