@@ -112,13 +112,14 @@ def _reduction_scale(reduction, numel, batch):
 def reparameterize(mu, logvar, seed):
     ct = compute_dtype(mu)
     eps = normal_stream(seed, mu.shape, mu.device, ct)
-    return (mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps).to(mu.dtype)
+    return (mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps).to(mu.dtype).contiguous()
 
 
 def reparameterize_backward(grad_z, logvar, seed):
     ct = compute_dtype(logvar)
     std = torch.exp(0.5 * logvar.to(ct))
-    return (grad_z.to(ct) * 0.5 * std * normal_stream(seed, logvar.shape, logvar.device, ct)).to(logvar.dtype)
+    grad_logvar = grad_z.to(ct) * 0.5 * std * normal_stream(seed, logvar.shape, logvar.device, ct)
+    return grad_logvar.to(logvar.dtype).contiguous()
 
 
 def _gaussian_kl_elementwise(mu, logvar, prior_mu, prior_logvar):
@@ -135,7 +136,7 @@ def gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction):
     prior = [None if p is None else p.to(ct) for p in (prior_mu, prior_logvar)]
     kl = _gaussian_kl_elementwise(mu.to(ct), logvar.to(ct), *prior)
     kl = kl.expand(mu.shape) if reduction == "none" else kl
-    return _reduce(kl, reduction, mu.shape[0] if mu.dim() else 1).to(mu.dtype)
+    return _reduce(kl, reduction, mu.shape[0] if mu.dim() else 1).to(mu.dtype).contiguous()
 
 
 def gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, reduction):
@@ -153,7 +154,7 @@ def gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, reduction):
     if prior_mu is not None or prior_logvar is not None:
         g_pl = -g_lv - 0.5 * diff * g_mu
         grads += [(-g_mu).expand(mu.shape), g_pl.expand(mu.shape)]
-    return [x.to(mu.dtype) for x in grads]
+    return [x.to(mu.dtype).contiguous() for x in grads]
 
 
 def reparameterize_kl(mu, logvar, seed, reduction):
@@ -164,7 +165,7 @@ def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction):
     g_mu, g_lv = gaussian_kl_backward(grad_kl, mu, logvar, None, None, reduction)
     g_lv_z = reparameterize_backward(grad_z, logvar, seed)
     ct = compute_dtype(mu)
-    return [(grad_z.to(ct) + g_mu.to(ct)).to(mu.dtype), (g_lv_z.to(ct) + g_lv.to(ct)).to(mu.dtype)]
+    return [(grad_z.to(ct) + g_mu.to(ct)).to(mu.dtype).contiguous(), (g_lv_z.to(ct) + g_lv.to(ct)).to(mu.dtype).contiguous()]
 
 
 # ---------------------------------------------------------------- Gumbel column
@@ -172,7 +173,7 @@ def _rows(t, dim):
     """View ``t`` with ``dim`` moved last, as (rows, K); and a function undoing it."""
     moved = t.movedim(dim, -1)
     shape = moved.shape
-    return moved.reshape(-1, shape[-1]), lambda y: y.reshape(shape).movedim(-1, dim)
+    return moved.reshape(-1, shape[-1]), lambda y: y.reshape(shape).movedim(-1, dim).contiguous()
 
 
 def _gumbel_soft(logits2d, seed, tau):
@@ -207,7 +208,7 @@ def gumbel_softmax_backward(grad_y, logits, seed, tau, dim):
 def _categorical_terms(logits2d, prior2d):
     ct = compute_dtype(logits2d)
     log_p = torch.log_softmax(logits2d.to(ct), dim=-1)
-    p = log_p.exp()
+    p = log_p.exp().nan_to_num(0.0)  # an all -inf row is no distribution: p = 0, KL = 0, gradient 0
     if prior2d is None:
         log_q = torch.full_like(log_p, -math.log(logits2d.shape[-1]))
     else:
@@ -240,7 +241,8 @@ def categorical_kl_backward(grad, logits, prior_logits, dim, reduction):
     pointwise = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
     grads = [restore((g * p * (pointwise - kl[:, None])).to(logits.dtype))]
     if prior_logits is not None:
-        grads.append(restore((g * (log_q.exp() - p)).to(logits.dtype)))
+        # d/d prior of -sum p log q is q sum(p) - p: 0 for a row with no mass (all -inf)
+        grads.append(restore((g * (log_q.exp() * p.sum(-1, keepdim=True) - p)).to(logits.dtype)))
     return grads
 
 
@@ -260,7 +262,7 @@ def nearest_code(x, codebook):
         # squared distances of the winners are computed below.
         indices[start:start + block.shape[0]] = torch.addmm(cb_sq, block, cb.t(), alpha=-2.0).argmin(dim=1)
     sq_dist = ((xc - cb[indices]) ** 2).sum(dim=1)
-    return indices, sq_dist.to(x.dtype)
+    return indices, sq_dist.to(x.dtype).contiguous()
 
 
 def vector_quantize(x, codebook, beta):
@@ -279,4 +281,4 @@ def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, be
     grad_x = grad_quantized.to(ct) + beta * scale * diff
     grad_codebook = torch.zeros(codebook.shape, dtype=ct, device=codebook.device)
     grad_codebook.index_add_(0, indices, -scale * diff)
-    return grad_x.to(x.dtype), grad_codebook.to(codebook.dtype)
+    return grad_x.to(x.dtype).contiguous(), grad_codebook.to(codebook.dtype)

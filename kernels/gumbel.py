@@ -169,7 +169,8 @@ def _kl_kernel(x_ptr, q_ptr, kl_ptr, row_grad_ptr, gx_ptr, gq_ptr, n_rows, K, in
             offsets = out_rows[:, None] + (col0 + tl.arange(0, BLOCK_K))[None, :].to(tl.int64) * inner
             tl.store(gx_ptr + offsets, gx.to(gx_ptr.dtype.element_ty), mask=mask)
             if HAS_PRIOR:
-                gq = g[:, None] * (tl.exp(q - log_norm_q[:, None]) - p)
+                # d/dq of -sum p log q is q sum(p) - p; sum(p) is 0 for a row with no mass
+                gq = g[:, None] * (tl.where(has_mass[:, None], tl.exp(q - log_norm_q[:, None]), 0.0) - p)
                 tl.store(gq_ptr + offsets, gq.to(gq_ptr.dtype.element_ty), mask=mask)
 
 

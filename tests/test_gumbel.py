@@ -244,6 +244,7 @@ def test_categorical_kl_dtypes_and_masks(backend, dtype):
     requires(backend, *KL_OPS)
     logits = randn(6, 33, dtype=dtype, scale=2.0)
     logits[:, ::5] = NEG_INF  # masked classes contribute 0
+    logits[4] = NEG_INF  # no distribution at all: KL 0, and no gradient to logits or prior
     prior = randn(33, dtype=dtype)
     for prior_logits in (None, prior):
         kl = fastvae.categorical_kl(logits, prior_logits, reduction="none")
@@ -257,6 +258,7 @@ def test_categorical_kl_dtypes_and_masks(backend, dtype):
             assert torch.isfinite(g).all()
             assert_close(g, e, dtype, scale=2.0)
         assert torch.equal(grads[0][:, ::5].float(), torch.zeros(6, 7))
+        assert kl[4] == 0 and all(torch.equal(g[4].float(), torch.zeros(33)) for g in grads)
 
 
 def test_categorical_kl_uniform_logits_give_zero(backend):

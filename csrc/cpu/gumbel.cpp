@@ -484,11 +484,13 @@ std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at
     for_each_kl_row<scalar_t>(in, [&](int64_t row, const float* x, const float* q, const KLRow& r) {
       const int64_t base = out_layout.offset(row), stride = out_layout.class_stride;
       const float log_norm_q = r.q.max + r.q.log_sum, log_norm_p = r.p.max + r.p.log_sum;
+      // d/dq of -sum p log q is q sum(p) - p; sum(p) is 0 for a row with no mass (all -inf)
+      const bool has_mass = r.p.log_sum != -kInf;
       for (int64_t c = 0; c < in.classes; ++c) {
-        const float p = r.p.log_sum == -kInf ? 0.0f : std::exp(x[c] - log_norm_p);
+        const float p = has_mass ? std::exp(x[c] - log_norm_p) : 0.0f;
         const float d = p > 0.0f ? g[row] * p * ((x[c] - log_norm_p) - (q[c] - log_norm_q) - r.kl) : 0.0f;
         gx[base + c * stride] = static_cast<scalar_t>(d);
-        if (gq) gq[base + c * stride] = static_cast<scalar_t>(g[row] * (std::exp(q[c] - log_norm_q) - p));
+        if (gq) gq[base + c * stride] = static_cast<scalar_t>(g[row] * ((has_mass ? std::exp(q[c] - log_norm_q) : 0.0f) - p));
       }
     });
   });
