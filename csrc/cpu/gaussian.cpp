@@ -20,7 +20,12 @@
 
 #include "../common.h"
 #include "../ops.h"
+#include "../philox.h"
 #include "vecmath.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace fastvae {
 namespace {
@@ -100,33 +105,83 @@ struct Output {
   }
 };
 
-// The Gaussian noise of elements [begin, begin + len), begin a multiple of 4: Philox in
-// lane-parallel form (one group per vector lane), then Box-Muller pairs p = (u_radius[p],
-// u_angle[p]) giving elements 2p (cos) and 2p + 1 (sin), as fastvae/reference.py defines.
-void normal_block(uint64_t seed, int64_t begin, int64_t len, float* eps) {
-  const uint64_t first_group = static_cast<uint64_t>(begin) / 4;
-  const int64_t groups = (len + 3) / 4;
+constexpr float uniform_of(uint32_t r) { return static_cast<float>(r >> 9) * 0x1p-23f + 0x1p-24f; }
+
+#if defined(__AVX512F__)
+// 32-bit hi/lo products of 16 lanes by a constant: two even/odd 32x32->64 multiplies.
+inline void mulhilo16(__m512i x, __m512i multiplier, __m512i* hi, __m512i* lo) {
+  const __m512i even = _mm512_mul_epu32(x, multiplier);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), multiplier);
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+inline __m512 uniform16(__m512i r) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 9)), _mm512_set1_ps(0x1p-23f),
+                         _mm512_set1_ps(0x1p-24f));
+}
+
+// Interleaves a (lanes 0..15) and b into out[0..31] = a0 b0 a1 b1 ...
+inline void store_interleaved(float* out, __m512 a, __m512 b) {
+  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+  _mm512_storeu_ps(out, _mm512_permutex2var_ps(a, low, b));
+  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a, high, b));
+}
+#endif
+
+// Philox-4x32-10 of `groups` consecutive groups from first_group, as Box-Muller inputs:
+// pair 2j takes lanes (0, 1) of group j, pair 2j + 1 lanes (2, 3).
+void philox_uniforms(uint64_t seed, uint64_t first_group, int64_t groups, float* u_radius, float* u_angle) {
   const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
-  float u_radius[kBlock / 2], u_angle[kBlock / 2];
-  for (int64_t j = 0; j < groups; ++j) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i mul_b = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (; j + 16 <= groups; j += 16) {
     const uint64_t group = first_group + static_cast<uint64_t>(j);
-    uint32_t c0 = static_cast<uint32_t>(group), c1 = static_cast<uint32_t>(group >> 32), c2 = 0, c3 = 0;
+    const __m512i group_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group)));
+    __m512i c0 = _mm512_add_epi32(group_lo, iota);
+    // Lanes whose low word wrapped carry into the high word.
+    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32))),
+                                       _mm512_cmplt_epu32_mask(c0, group_lo),
+                                       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32))),
+                                       _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
     uint32_t k0 = key0, k1 = key1;
     for (int round = 0; round < 10; ++round) {
-      const uint64_t product_a = static_cast<uint64_t>(0xD2511F53u) * c0;
-      const uint64_t product_b = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-      c0 = static_cast<uint32_t>(product_b >> 32) ^ c1 ^ k0;
-      c1 = static_cast<uint32_t>(product_b);
-      c2 = static_cast<uint32_t>(product_a >> 32) ^ c3 ^ k1;
-      c3 = static_cast<uint32_t>(product_a);
+      __m512i hi_a, lo_a, hi_b, lo_b;
+      mulhilo16(c0, mul_a, &hi_a, &lo_a);
+      mulhilo16(c2, mul_b, &hi_b, &lo_b);
+      c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // 3-way xor
+      c1 = lo_b;
+      c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+      c3 = lo_a;
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    u_radius[2 * j] = static_cast<float>(c0 >> 9) * 0x1p-23f + 0x1p-24f;
-    u_angle[2 * j] = static_cast<float>(c1 >> 9) * 0x1p-23f + 0x1p-24f;
-    u_radius[2 * j + 1] = static_cast<float>(c2 >> 9) * 0x1p-23f + 0x1p-24f;
-    u_angle[2 * j + 1] = static_cast<float>(c3 >> 9) * 0x1p-23f + 0x1p-24f;
+    store_interleaved(u_radius + 2 * j, uniform16(c0), uniform16(c2));
+    store_interleaved(u_angle + 2 * j, uniform16(c1), uniform16(c3));
   }
+#endif
+  for (; j < groups; ++j) {
+    const Draw4 d = philox4x32_10(static_cast<uint32_t>(first_group + j), static_cast<uint32_t>((first_group + j) >> 32),
+                                  0u, 0u, seed);
+    u_radius[2 * j] = uniform_of(d.v[0]);
+    u_angle[2 * j] = uniform_of(d.v[1]);
+    u_radius[2 * j + 1] = uniform_of(d.v[2]);
+    u_angle[2 * j + 1] = uniform_of(d.v[3]);
+  }
+}
+
+// The Gaussian noise of elements [begin, begin + len), begin a multiple of 4: Box-Muller
+// pairs p = (u_radius[p], u_angle[p]) give elements 2p (cos) and 2p + 1 (sin), as
+// fastvae/reference.py defines.
+void normal_block(uint64_t seed, int64_t begin, int64_t len, float* eps) {
+  const int64_t groups = (len + 3) / 4;
+  alignas(64) float u_radius[kBlock / 2], u_angle[kBlock / 2];
+  philox_uniforms(seed, static_cast<uint64_t>(begin) / 4, groups, u_radius, u_angle);
   for (int64_t p = 0; p < 2 * groups; ++p) {
     const float radius = std::sqrt(-2.0f * vecmath::log(u_radius[p]));
     float c, s;
