@@ -23,7 +23,7 @@
 #include "../philox.h"
 #include "vecmath.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -32,7 +32,7 @@ namespace {
 
 constexpr int64_t kBlock = 512;        // elements per block: 2 KiB per float array, all in L1
 constexpr int64_t kGrainBlocks = 32;   // blocks per parallel task (16K elements)
-constexpr int64_t kLanes = 16;         // float32 partial sums per block (one AVX-512 vector)
+constexpr int64_t kLanes = 16;         // float32 partial sums per block (two AVX2 vectors)
 
 // An input seen as a (rows, cols) matrix in the output's row-major layout (cols = the
 // last dimension of mu). row_stride 0 repeats a row (a (D,) prior), col_stride 0 repeats
@@ -107,26 +107,25 @@ struct Output {
 
 constexpr float uniform_of(uint32_t r) { return static_cast<float>(r >> 9) * 0x1p-23f + 0x1p-24f; }
 
-#if defined(__AVX512F__)
-// 32-bit hi/lo products of 16 lanes by a constant: two even/odd 32x32->64 multiplies.
-inline void mulhilo16(__m512i x, __m512i multiplier, __m512i* hi, __m512i* lo) {
-  const __m512i even = _mm512_mul_epu32(x, multiplier);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), multiplier);
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+#if defined(__AVX2__)
+// 32-bit hi/lo products of 8 lanes by a constant: two even/odd 32x32->64 multiplies.
+inline void mulhilo8(__m256i x, __m256i multiplier, __m256i* hi, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(x, multiplier);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), multiplier);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-inline __m512 uniform16(__m512i r) {
-  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(r, 9)), _mm512_set1_ps(0x1p-23f),
-                         _mm512_set1_ps(0x1p-24f));
+inline __m256 uniform8(__m256i r) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r, 9)), _mm256_set1_ps(0x1p-23f),
+                         _mm256_set1_ps(0x1p-24f));
 }
 
-// Interleaves a (lanes 0..15) and b into out[0..31] = a0 b0 a1 b1 ...
-inline void store_interleaved(float* out, __m512 a, __m512 b) {
-  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
-  _mm512_storeu_ps(out, _mm512_permutex2var_ps(a, low, b));
-  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a, high, b));
+// out[0..15] = a0 b0 a1 b1 ... a7 b7
+inline void store_interleaved(float* out, __m256 a, __m256 b) {
+  const __m256 low = _mm256_unpacklo_ps(a, b), high = _mm256_unpackhi_ps(a, b);  // per 128-bit half
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(low, high, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(low, high, 0x31));
 }
 #endif
 
@@ -135,34 +134,33 @@ inline void store_interleaved(float* out, __m512 a, __m512 b) {
 void philox_uniforms(uint64_t seed, uint64_t first_group, int64_t groups, float* u_radius, float* u_angle) {
   const uint32_t key0 = static_cast<uint32_t>(seed), key1 = static_cast<uint32_t>(seed >> 32);
   int64_t j = 0;
-#if defined(__AVX512F__)
-  const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m512i mul_b = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  for (; j + 16 <= groups; j += 16) {
+#if defined(__AVX2__)
+  const __m256i mul_a = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i mul_b = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  for (; j + 8 <= groups; j += 8) {
     const uint64_t group = first_group + static_cast<uint64_t>(j);
-    const __m512i group_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group)));
-    __m512i c0 = _mm512_add_epi32(group_lo, iota);
-    // Lanes whose low word wrapped carry into the high word.
-    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32))),
-                                       _mm512_cmplt_epu32_mask(c0, group_lo),
-                                       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32))),
-                                       _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    const __m256i group_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group)));
+    __m256i c0 = _mm256_add_epi32(group_lo, iota);
+    // Lanes whose low word wrapped (c0 < group_lo, unsigned) carry 1 into the high word.
+    const __m256i wrapped = _mm256_cmpgt_epi32(_mm256_xor_si256(group_lo, sign), _mm256_xor_si256(c0, sign));
+    __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32))), wrapped);
+    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
     uint32_t k0 = key0, k1 = key1;
     for (int round = 0; round < 10; ++round) {
-      __m512i hi_a, lo_a, hi_b, lo_b;
-      mulhilo16(c0, mul_a, &hi_a, &lo_a);
-      mulhilo16(c2, mul_b, &hi_b, &lo_b);
-      c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);  // 3-way xor
+      __m256i hi_a, lo_a, hi_b, lo_b;
+      mulhilo8(c0, mul_a, &hi_a, &lo_a);
+      mulhilo8(c2, mul_b, &hi_b, &lo_b);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(k0)));
       c1 = lo_b;
-      c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(k1)));
       c3 = lo_a;
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    store_interleaved(u_radius + 2 * j, uniform16(c0), uniform16(c2));
-    store_interleaved(u_angle + 2 * j, uniform16(c1), uniform16(c3));
+    store_interleaved(u_radius + 2 * j, uniform8(c0), uniform8(c2));
+    store_interleaved(u_angle + 2 * j, uniform8(c1), uniform8(c3));
   }
 #endif
   for (; j < groups; ++j) {
