@@ -24,7 +24,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("normal_stream", &fastvae::normal_stream, "The first n values of the Gaussian ops' noise stream");
   m.def("gumbel_stream", &fastvae::gumbel_stream, "The (rows, cols) Gumbel noise of the Gumbel ops");
   // ---- Gaussian column
-  m.def("reparameterize", &fastvae::reparameterize);
+  m.def("reparameterize", &fastvae::reparameterize, "z = mu + exp(logvar / 2) * eps, eps from the seed's stream");
+  m.def("reparameterize_backward", &fastvae::reparameterize_backward, "Gradient of reparameterize for logvar");
+  m.def("gaussian_kl", &fastvae::gaussian_kl, "KL of diagonal Gaussians to a (broadcast) prior, reduced");
+  m.def("gaussian_kl_backward", &fastvae::gaussian_kl_backward,
+        "Gradients of gaussian_kl: mu, logvar[, prior_mu, prior_logvar at mu's shape]");
+  m.def("reparameterize_kl", &fastvae::reparameterize_kl, "(z, KL to N(0, I)) in one pass");
+  m.def("reparameterize_kl_backward", &fastvae::reparameterize_kl_backward, "Gradients of reparameterize_kl");
   // ---- Gumbel column
   m.def("gumbel_softmax", &fastvae::gumbel_softmax);
   m.def("gumbel_softmax_backward", &fastvae::gumbel_softmax_backward);

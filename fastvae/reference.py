@@ -106,7 +106,8 @@ def _reduce(value, reduction, batch):
 
 
 def _reduction_scale(reduction, numel, batch):
-    return {"sum": 1.0, "mean": 1.0 / max(numel, 1), "batchmean": 1.0 / batch}[reduction]
+    # An empty batch (batch == 0) has a NaN batchmean (0 / 0) and no elements to scale.
+    return {"sum": 1.0, "mean": 1.0 / max(numel, 1), "batchmean": 1.0 / batch if batch else math.nan}[reduction]
 
 
 def reparameterize(mu, logvar, seed):

@@ -7,6 +7,8 @@ before the first import (Triton reads it when kernels are defined).
 import triton  # noqa: F401  (a missing triton makes this backend unavailable)
 
 # ---- Gaussian column (kernels/gaussian.py)
+from .gaussian import (gaussian_kl, gaussian_kl_backward, reparameterize, reparameterize_backward,  # noqa: F401
+                       reparameterize_kl, reparameterize_kl_backward)
 # ---- Gumbel column (kernels/gumbel.py)
 from .gumbel import categorical_kl, categorical_kl_backward, gumbel_softmax, gumbel_softmax_backward  # noqa: E402,F401
 # ---- VQ column (kernels/vq.py)

@@ -34,7 +34,7 @@ def assert_close(actual, expected, dtype, scale=1.0, msg=""):
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
-    t = (torch.randn(*shape, dtype=torch.float32, device=device) * scale).to(dtype)
+    t = (torch.randn(shape, dtype=torch.float32, device=device) * scale).to(dtype)  # shape () works too
     return t.requires_grad_(requires_grad)
 
 

@@ -1,32 +1,396 @@
-// Gaussian column, C++ CPU kernels.
+// Gaussian column, C++ CPU kernels: reparameterize, gaussian_kl, reparameterize_kl and
+// their backwards (the backend interface of fastvae/reference.py).
+//
+// The row-major flat index range is cut into fixed blocks of kBlock elements (whole
+// Philox groups, whole vectors). Per block, every input is seen as a float32 array: the
+// tensor itself when it is contiguous float32, else converted/gathered into an L1
+// scratch array (half types, row-strided slices, broadcast priors). The block's noise is
+// generated group-parallel into scratch (it never reaches main memory), the arithmetic
+// runs over plain float arrays (auto-vectorised with vecmath.h), and each output is
+// written once. A KL reduction keeps one float32 partial per block; the partials are
+// added in block order in double, so the result has the same bits run after run and
+// for any thread count.
 #include <ATen/Parallel.h>
+#include <ATen/TensorUtils.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
 
 #include "../common.h"
 #include "../ops.h"
-#include "../philox.h"
+#include "normal_block.h"
+#include "vecmath.h"
 
 namespace fastvae {
+namespace {
 
-at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed) {
-  check_cpu(mu, "mu");
-  const uint64_t key = read_seed(seed);
-  auto mu_c = mu.contiguous(), logvar_c = logvar.contiguous();
-  auto z = at::empty(mu.sizes(), mu.options());
-  const int64_t n = mu.numel(), groups = (n + 3) / 4;
-  FASTVAE_DISPATCH_FLOATS(mu.scalar_type(), "reparameterize", [&] {
-    const scalar_t* m = mu_c.data_ptr<scalar_t>();
-    const scalar_t* lv = logvar_c.data_ptr<scalar_t>();
-    scalar_t* out = z.data_ptr<scalar_t>();
-    at::parallel_for(0, groups, 2048, [&](int64_t begin, int64_t end) {
-      float eps[4];
-      for (int64_t g = begin; g < end; ++g) {
-        normal4(key, static_cast<uint64_t>(g), eps);
-        for (int64_t i = 4 * g, lane = 0; lane < 4 && i < n; ++lane, ++i)
-          out[i] = static_cast<scalar_t>(static_cast<float>(m[i]) + std::exp(0.5f * static_cast<float>(lv[i])) * eps[lane]);
+constexpr int64_t kBlock = kMaxNormalBlock;  // elements per block: 2 KiB per float array, all in L1
+constexpr int64_t kGrainBlocks = 64;   // blocks per parallel task: 32K elements, ATen's grain too
+constexpr int64_t kLanes = 16;         // float32 partial sums per block (two AVX2 vectors)
+
+// An input seen as a (rows, cols) matrix in the output's row-major layout (cols = the
+// last dimension of mu). row_stride 0 repeats a row (a (D,) prior), col_stride 0 repeats
+// a value along a row (a (B, 1) prior or a scalar); a row-strided slice such as
+// h[:, :D] is read in place. Layouts that fit none of these are made contiguous.
+struct Rows {
+  at::Tensor tensor;
+  int64_t row_stride, col_stride;
+};
+
+Rows as_rows(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
+  const int64_t cols = shape.empty() ? 1 : shape.back();
+  const int64_t rows = cols == 0 ? 0 : c10::multiply_integers(shape) / cols;
+  const at::Tensor expanded = t.to(dtype).expand(shape);
+  if (rows > 0) {
+    const std::vector<int64_t> matrix = {rows, cols};
+    if (const auto strides = at::detail::computeStride(expanded.sizes(), expanded.strides(), at::IntArrayRef(matrix))) {
+      const int64_t row_stride = rows == 1 ? 0 : (*strides)[0];
+      const int64_t col_stride = cols == 1 ? 0 : (*strides)[1];
+      if (col_stride == 0 || col_stride == 1) return {expanded, row_stride, col_stride};
+    }
+  }
+  return {expanded.contiguous(), cols, 1};
+}
+
+template <typename T>
+struct Input {
+  const T* data = nullptr;
+  int64_t row_stride = 0, col_stride = 0, cols = 1;
+  bool flat = false;  // element i is data[i]
+
+  Input() = default;
+  Input(const Rows& r, int64_t cols_)
+      : data(r.tensor.data_ptr<T>()), row_stride(r.row_stride), col_stride(r.col_stride), cols(cols_),
+        flat(r.tensor.is_contiguous()) {}  // broadcast (stride-0) dimensions are never contiguous
+
+  // Elements [begin, end) as float32: in place when possible, else through `scratch`.
+  const float* load(int64_t begin, int64_t end, float* scratch) const {
+    if (flat) {
+      if constexpr (std::is_same_v<T, float>) return data + begin;
+      for (int64_t i = begin; i < end; ++i) scratch[i - begin] = static_cast<float>(data[i]);
+      return scratch;
+    }
+    for (int64_t i = begin; i < end;) {
+      const int64_t row = i / cols, col = i - row * cols, len = std::min(end - i, cols - col);
+      const T* src = data + row * row_stride + col * col_stride;
+      float* dst = scratch + (i - begin);
+      if (col_stride == 1) {
+        for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<float>(src[j]);
+      } else {
+        std::fill(dst, dst + len, static_cast<float>(*src));
       }
+      i += len;
+    }
+    return scratch;
+  }
+};
+
+// A contiguous output: blocks compute straight into it (float32) or into scratch then convert.
+template <typename T>
+struct Output {
+  T* data = nullptr;
+
+  float* view(int64_t begin, float* scratch) const {
+    if constexpr (std::is_same_v<T, float>) return data + begin;
+    return scratch;
+  }
+  void commit(int64_t begin, int64_t len, const float* values) const {
+    if constexpr (!std::is_same_v<T, float>) {
+      for (int64_t j = 0; j < len; ++j) data[begin + j] = static_cast<T>(values[j]);
+    }
+  }
+};
+
+// Sum of values[0, len) in kLanes float32 lanes (a fixed order), lanes added in double.
+double block_sum(float* values, int64_t len) {
+  const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
+  std::fill(values + len, values + padded, 0.0f);
+  float lanes[kLanes] = {};
+  for (int64_t j = 0; j < padded; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += values[j + l];
+  double total = 0.0;
+  for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
+  return total;
+}
+
+// The arithmetic of each op over one block of float32 arrays (restrict: no aliasing, so
+// every loop vectorises). Gradients take `scale`, the reduction's 1 / divisor.
+using Floats = const float* __restrict;
+using FloatsOut = float* __restrict;
+
+void sample(Floats m, Floats v, Floats eps, FloatsOut z, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) z[j] = m[j] + vecmath::exp(0.5f * v[j]) * eps[j];
+}
+
+void sample_and_kl(Floats m, Floats v, Floats eps, FloatsOut z, FloatsOut kl, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const float std_dev = vecmath::exp(0.5f * v[j]);  // exp(logvar) = std^2 shares the one exp
+    z[j] = m[j] + std_dev * eps[j];
+    kl[j] = 0.5f * (std_dev * std_dev + m[j] * m[j] - 1.0f - v[j]);
+  }
+}
+
+void kl_standard(Floats m, Floats v, FloatsOut kl, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) kl[j] = 0.5f * (vecmath::exp(v[j]) + m[j] * m[j] - 1.0f - v[j]);
+}
+
+void kl_prior(Floats m, Floats v, Floats pm, Floats plv, FloatsOut kl, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const float diff = m[j] - pm[j];
+    kl[j] = 0.5f * (plv[j] - v[j] + (vecmath::exp(v[j]) + diff * diff) * vecmath::exp(-plv[j]) - 1.0f);
+  }
+}
+
+void sample_grad(Floats gz, Floats v, Floats eps, FloatsOut g_lv, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) g_lv[j] = 0.5f * gz[j] * vecmath::exp(0.5f * v[j]) * eps[j];
+}
+
+void sample_and_kl_grad(Floats gz, Floats gk, float scale, Floats m, Floats v, Floats eps, FloatsOut g_mu,
+                        FloatsOut g_lv, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const float gs = gk[j] * scale, std_dev = vecmath::exp(0.5f * v[j]);
+    g_mu[j] = gz[j] + gs * m[j];
+    g_lv[j] = 0.5f * (gz[j] * std_dev * eps[j] + gs * (std_dev * std_dev - 1.0f));
+  }
+}
+
+void kl_standard_grad(Floats gk, float scale, Floats m, Floats v, FloatsOut g_mu, FloatsOut g_lv, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const float gs = gk[j] * scale;
+    g_mu[j] = gs * m[j];
+    g_lv[j] = 0.5f * gs * (vecmath::exp(v[j]) - 1.0f);
+  }
+}
+
+void kl_prior_grad(Floats gk, float scale, Floats m, Floats v, Floats pm, Floats plv, FloatsOut g_mu,
+                   FloatsOut g_lv, FloatsOut g_pm, FloatsOut g_plv, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) {
+    const float gs = gk[j] * scale, diff = m[j] - pm[j], inv_prior_var = vecmath::exp(-plv[j]);
+    const float gm = gs * diff * inv_prior_var, glv = 0.5f * gs * (vecmath::exp(v[j]) * inv_prior_var - 1.0f);
+    g_mu[j] = gm;
+    g_lv[j] = glv;
+    g_pm[j] = -gm;
+    g_plv[j] = -glv - 0.5f * diff * gm;
+  }
+}
+
+enum class Reduction { kNone, kSum, kMean, kBatchMean };
+
+Reduction parse_reduction(const std::string& reduction) {
+  if (reduction == "none") return Reduction::kNone;
+  if (reduction == "sum") return Reduction::kSum;
+  if (reduction == "mean") return Reduction::kMean;
+  TORCH_CHECK(reduction == "batchmean", "unknown reduction '", reduction, "'");
+  return Reduction::kBatchMean;
+}
+
+// The denominator of a reduction: the reduced KL is (sum of elements) / divisor.
+double reduction_divisor(Reduction reduction, const at::Tensor& mu) {
+  if (reduction == Reduction::kMean) return static_cast<double>(std::max<int64_t>(mu.numel(), 1));
+  if (reduction == Reduction::kBatchMean) return mu.dim() ? static_cast<double>(mu.size(0)) : 1.0;
+  return 1.0;
+}
+
+// Runs body(begin, len, scratch) over all blocks in parallel; returns the block count.
+template <typename Body>
+int64_t for_each_block(int64_t n, const Body& body) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) body(b, b * kBlock, std::min(kBlock, n - b * kBlock));
+  });
+  return blocks;
+}
+
+// What one forward call computes; the tensors are prepared by the public functions below.
+struct Forward {
+  at::Tensor mu, logvar, prior_mu, prior_logvar;  // priors undefined for N(0, I)
+  bool sample = false, kl = false;
+  Reduction reduction = Reduction::kNone;
+  uint64_t seed = 0;
+};
+
+std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
+  const auto shape = fw.mu.sizes();
+  const int64_t n = fw.mu.numel(), cols = shape.empty() ? 1 : shape.back();
+  const auto dtype = fw.mu.scalar_type();
+  const bool prior = fw.prior_mu.defined() || fw.prior_logvar.defined();
+  at::Tensor z = fw.sample ? at::empty(shape, fw.mu.options()) : at::Tensor();
+  at::Tensor kl = fw.kl ? at::empty(fw.reduction == Reduction::kNone ? shape : at::IntArrayRef{}, fw.mu.options())
+                        : at::Tensor();
+  const at::Tensor zero = at::zeros({}, fw.mu.options());
+  const Rows mu_rows = as_rows(fw.mu, shape, dtype), lv_rows = as_rows(fw.logvar, shape, dtype);
+  const Rows pm_rows = as_rows(fw.prior_mu.defined() ? fw.prior_mu : zero, shape, dtype);
+  const Rows plv_rows = as_rows(fw.prior_logvar.defined() ? fw.prior_logvar : zero, shape, dtype);
+  std::vector<double> partials(fw.kl && fw.reduction != Reduction::kNone ? (n + kBlock - 1) / kBlock : 0);
+  FASTVAE_DISPATCH_FLOATS(dtype, "gaussian_forward", [&] {
+    const Input<scalar_t> mu(mu_rows, cols), lv(lv_rows, cols), pm(pm_rows, cols), plv(plv_rows, cols);
+    const Output<scalar_t> z_out{fw.sample ? z.data_ptr<scalar_t>() : nullptr};
+    const Output<scalar_t> kl_out{fw.kl && fw.reduction == Reduction::kNone ? kl.data_ptr<scalar_t>() : nullptr};
+    for_each_block(n, [&](int64_t block, int64_t begin, int64_t len) {
+      alignas(64) float s_mu[kBlock], s_lv[kBlock], s_pm[kBlock], s_plv[kBlock], eps[kBlock], s_z[kBlock],
+          s_kl[kBlock + kLanes];
+      const float* m = mu.load(begin, begin + len, s_mu);
+      const float* v = lv.load(begin, begin + len, s_lv);
+      float* klv = kl_out.data ? kl_out.view(begin, s_kl) : s_kl;
+      if (fw.sample) {
+        normal_block(fw.seed, begin, len, eps);
+        float* zv = z_out.view(begin, s_z);
+        if (fw.kl) sample_and_kl(m, v, eps, zv, klv, len);
+        else sample(m, v, eps, zv, len);
+        z_out.commit(begin, len, zv);
+      } else if (!prior) {
+        kl_standard(m, v, klv, len);
+      } else {
+        kl_prior(m, v, pm.load(begin, begin + len, s_pm), plv.load(begin, begin + len, s_plv), klv, len);
+      }
+      if (kl_out.data) kl_out.commit(begin, len, klv);
+      else if (fw.kl) partials[block] = block_sum(klv, len);
+    });
+    if (fw.kl && fw.reduction != Reduction::kNone) {
+      double total = 0.0;
+      for (const double partial : partials) total += partial;
+      *kl.data_ptr<scalar_t>() = static_cast<scalar_t>(total / reduction_divisor(fw.reduction, fw.mu));
+    }
+  });
+  return {z, kl};
+}
+
+// What one backward call computes. grad_z defined: the sampling term (its mu gradient is
+// grad_z itself); grad_kl defined: the KL term, a scalar for the reductions.
+struct Backward {
+  at::Tensor grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar;
+  Reduction reduction = Reduction::kNone;
+  uint64_t seed = 0;
+};
+
+// Gradients for (logvar) with only grad_z, else (mu, logvar[, prior_mu, prior_logvar]).
+std::vector<at::Tensor> run_backward(const Backward& bw) {
+  const auto shape = bw.logvar.sizes();
+  const int64_t n = bw.logvar.numel(), cols = shape.empty() ? 1 : shape.back();
+  const auto dtype = bw.logvar.scalar_type();
+  const bool sample = bw.grad_z.defined(), kl = bw.grad_kl.defined();
+  const bool prior = bw.prior_mu.defined() || bw.prior_logvar.defined();
+  const float scale = kl ? static_cast<float>(1.0 / reduction_divisor(bw.reduction, bw.logvar)) : 1.0f;
+  const at::Tensor zero = at::zeros({}, bw.logvar.options());
+  auto rows_of = [&](const at::Tensor& t) { return as_rows(t.defined() ? t : zero, shape, dtype); };
+  const Rows gz_rows = rows_of(bw.grad_z), gk_rows = rows_of(bw.grad_kl), mu_rows = rows_of(bw.mu),
+             lv_rows = rows_of(bw.logvar), pm_rows = rows_of(bw.prior_mu), plv_rows = rows_of(bw.prior_logvar);
+  std::vector<at::Tensor> grads;
+  for (int count = !kl ? 1 : prior ? 4 : 2; count > 0; --count) grads.push_back(at::empty(shape, bw.logvar.options()));
+  FASTVAE_DISPATCH_FLOATS(dtype, "gaussian_backward", [&] {
+    const Input<scalar_t> gz(gz_rows, cols), gk(gk_rows, cols), mu(mu_rows, cols), lv(lv_rows, cols),
+        pm(pm_rows, cols), plv(plv_rows, cols);
+    Output<scalar_t> out[4];
+    for (size_t i = 0; i < grads.size(); ++i) out[i].data = grads[i].data_ptr<scalar_t>();
+    const Output<scalar_t>& g_mu_out = out[0];
+    const Output<scalar_t>& g_lv_out = kl ? out[1] : out[0];
+    for_each_block(n, [&](int64_t, int64_t begin, int64_t len) {
+      alignas(64) float s_gz[kBlock], s_gk[kBlock], s_mu[kBlock], s_lv[kBlock], s_pm[kBlock], s_plv[kBlock],
+          eps[kBlock], s_out[4][kBlock];
+      const float* v = lv.load(begin, begin + len, s_lv);
+      float* g_lv = g_lv_out.view(begin, s_out[1]);
+      const float* g_z = sample ? gz.load(begin, begin + len, s_gz) : nullptr;
+      if (sample) normal_block(bw.seed, begin, len, eps);
+      if (!kl) {
+        sample_grad(g_z, v, eps, g_lv, len);
+      } else {
+        const float* g = gk.load(begin, begin + len, s_gk);
+        const float* m = mu.load(begin, begin + len, s_mu);
+        float* g_mu = g_mu_out.view(begin, s_out[0]);
+        if (sample) {
+          sample_and_kl_grad(g_z, g, scale, m, v, eps, g_mu, g_lv, len);
+        } else if (!prior) {
+          kl_standard_grad(g, scale, m, v, g_mu, g_lv, len);
+        } else {
+          float* g_pm = out[2].view(begin, s_out[2]);
+          float* g_plv = out[3].view(begin, s_out[3]);
+          kl_prior_grad(g, scale, m, v, pm.load(begin, begin + len, s_pm), plv.load(begin, begin + len, s_plv), g_mu,
+                        g_lv, g_pm, g_plv, len);
+          out[2].commit(begin, len, g_pm);
+          out[3].commit(begin, len, g_plv);
+        }
+        g_mu_out.commit(begin, len, g_mu);
+      }
+      g_lv_out.commit(begin, len, g_lv);
     });
   });
-  return z;
+  return grads;
+}
+
+Forward forward_of(const at::Tensor& mu, const at::Tensor& logvar) {
+  check_cpu(mu, "mu");
+  Forward fw;
+  fw.mu = mu;
+  fw.logvar = logvar;
+  return fw;
+}
+
+}  // namespace
+
+at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed) {
+  Forward fw = forward_of(mu, logvar);
+  fw.sample = true;
+  fw.seed = read_seed(seed);
+  return std::get<0>(run_forward(fw));
+}
+
+at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed) {
+  check_cpu(logvar, "logvar");
+  Backward bw;
+  bw.grad_z = grad_z;
+  bw.logvar = logvar;
+  bw.seed = read_seed(seed);
+  return run_backward(bw)[0];
+}
+
+at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& prior_mu,
+                       const c10::optional<at::Tensor>& prior_logvar, const std::string& reduction) {
+  Forward fw = forward_of(mu, logvar);
+  fw.kl = true;
+  fw.reduction = parse_reduction(reduction);
+  fw.prior_mu = prior_mu.value_or(at::Tensor());
+  fw.prior_logvar = prior_logvar.value_or(at::Tensor());
+  return std::get<1>(run_forward(fw));
+}
+
+std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar,
+                                             const c10::optional<at::Tensor>& prior_mu,
+                                             const c10::optional<at::Tensor>& prior_logvar,
+                                             const std::string& reduction) {
+  check_cpu(mu, "mu");
+  Backward bw;
+  bw.grad_kl = grad;
+  bw.mu = mu;
+  bw.logvar = logvar;
+  bw.prior_mu = prior_mu.value_or(at::Tensor());
+  bw.prior_logvar = prior_logvar.value_or(at::Tensor());
+  bw.reduction = parse_reduction(reduction);
+  return run_backward(bw);
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
+                                                     const at::Tensor& seed, const std::string& reduction) {
+  Forward fw = forward_of(mu, logvar);
+  fw.sample = fw.kl = true;
+  fw.reduction = parse_reduction(reduction);
+  fw.seed = read_seed(seed);
+  return run_forward(fw);
+}
+
+std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, const at::Tensor& grad_kl,
+                                                   const at::Tensor& mu, const at::Tensor& logvar,
+                                                   const at::Tensor& seed, const std::string& reduction) {
+  check_cpu(mu, "mu");
+  Backward bw;
+  bw.grad_z = grad_z;
+  bw.grad_kl = grad_kl;
+  bw.mu = mu;
+  bw.logvar = logvar;
+  bw.reduction = parse_reduction(reduction);
+  bw.seed = read_seed(seed);
+  return run_backward(bw);
 }
 
 }  // namespace fastvae

@@ -1,0 +1,231 @@
+"""Gaussian column in Triton: reparameterize, gaussian_kl, reparameterize_kl and their
+backwards (the backend interface of fastvae/reference.py).
+
+Two kernels do all six: ``_forward_kernel`` (sample and/or KL) and ``_backward_kernel``
+(sampling and/or KL gradients), specialised by constexpr flags, plus ``_sum_kernel``
+for the reductions. Each program takes BLOCK consecutive elements of the row-major flat
+index; its noise is ``normal4`` of the BLOCK // 4 groups it covers, interleaved into
+element order in registers, never stored. Reductions write one float32 partial per
+program, summed by one program in a fixed order: same input, same bits, no atomics.
+
+Every input is addressed as a (rows, cols) matrix in the output's layout (cols = mu's
+last dimension): a row-strided slice is read in place, and a broadcast prior ((D,),
+(B, 1), a scalar) is read through a zero stride, never expanded in memory. When every
+input is contiguous (FLAT) the index is used directly.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._rng import normal4
+
+BLOCK = 1024
+SUM_BLOCK = 4096
+_REDUCTIONS = {"none": 0, "sum": 1, "mean": 1, "batchmean": 1}
+
+
+@triton.jit
+def _load(ptr, i, row, col, row_stride, col_stride, mask, FLAT: tl.constexpr):
+    offset = i if FLAT else row * row_stride + col * col_stride
+    return tl.load(ptr + offset, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _noise(seed_ptr, pid, BLOCK: tl.constexpr):
+    """N(0, 1) for elements pid * BLOCK + arange(BLOCK): lane k of group g is element 4g + k."""
+    groups = pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+    n0, n1, n2, n3 = normal4(tl.load(seed_ptr), groups)
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+
+
+@triton.jit
+def _forward_kernel(mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, n, cols,
+                    mu_rs, mu_cs, lv_rs, lv_cs, pm_rs, pm_cs, plv_rs, plv_cs,
+                    SAMPLE: tl.constexpr, KL: tl.constexpr, REDUCE: tl.constexpr, PRIOR: tl.constexpr,
+                    FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    row, col = i // cols, i % cols
+    m = _load(mu_ptr, i, row, col, mu_rs, mu_cs, mask, FLAT)
+    v = _load(lv_ptr, i, row, col, lv_rs, lv_cs, mask, FLAT)
+    if SAMPLE:
+        z = m + tl.exp(0.5 * v) * _noise(seed_ptr, pid, BLOCK)
+        tl.store(z_ptr + i, z.to(z_ptr.dtype.element_ty), mask=mask)
+    if KL:
+        if PRIOR:
+            pm = _load(pm_ptr, i, row, col, pm_rs, pm_cs, mask, FLAT)
+            plv = _load(plv_ptr, i, row, col, plv_rs, plv_cs, mask, FLAT)
+            diff = m - pm
+            kl = 0.5 * (plv - v + (tl.exp(v) + diff * diff) * tl.exp(-plv) - 1.0)
+        else:
+            kl = 0.5 * (tl.exp(v) + m * m - 1.0 - v)
+        if REDUCE:  # one partial per program, in kl_ptr's float32 buffer
+            tl.store(kl_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
+        else:
+            tl.store(kl_ptr + i, kl.to(kl_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_kernel(partial_ptr, out_ptr, count, divisor, SUM_BLOCK: tl.constexpr):
+    """out = sum(partials) / divisor, chunk by chunk in a fixed order (one program)."""
+    acc = tl.zeros([SUM_BLOCK], dtype=tl.float32)
+    for start in range(0, count, SUM_BLOCK):
+        offsets = start + tl.arange(0, SUM_BLOCK)
+        acc += tl.load(partial_ptr + offsets, mask=offsets < count, other=0.0)
+    tl.store(out_ptr, (tl.sum(acc, axis=0) / divisor).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _backward_kernel(gz_ptr, gk_ptr, mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr,
+                     g_mu_ptr, g_lv_ptr, g_pm_ptr, g_plv_ptr, n, cols, scale,
+                     gz_rs, gz_cs, gk_rs, gk_cs, mu_rs, mu_cs, lv_rs, lv_cs, pm_rs, pm_cs, plv_rs, plv_cs,
+                     SAMPLE: tl.constexpr, KL: tl.constexpr, REDUCE: tl.constexpr, PRIOR: tl.constexpr,
+                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    row, col = i // cols, i % cols
+    v = _load(lv_ptr, i, row, col, lv_rs, lv_cs, mask, FLAT)
+    std = tl.exp(0.5 * v)
+    g_lv = tl.zeros([BLOCK], dtype=tl.float32)
+    if SAMPLE:  # d z / d logvar = eps * std / 2, eps regenerated from the seed
+        gz = _load(gz_ptr, i, row, col, gz_rs, gz_cs, mask, FLAT)
+        g_lv = 0.5 * gz * std * _noise(seed_ptr, pid, BLOCK)
+    if KL:
+        m = _load(mu_ptr, i, row, col, mu_rs, mu_cs, mask, FLAT)
+        if REDUCE:
+            gk = tl.load(gk_ptr).to(tl.float32) * scale
+        else:
+            gk = _load(gk_ptr, i, row, col, gk_rs, gk_cs, mask, FLAT) * scale
+        if PRIOR:
+            pm = _load(pm_ptr, i, row, col, pm_rs, pm_cs, mask, FLAT)
+            plv = _load(plv_ptr, i, row, col, plv_rs, plv_cs, mask, FLAT)
+            diff = m - pm
+            inv_prior_var = tl.exp(-plv)
+            g_mu = gk * diff * inv_prior_var
+            g_lv_kl = 0.5 * gk * (std * std * inv_prior_var - 1.0)
+            tl.store(g_pm_ptr + i, (-g_mu).to(g_pm_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_plv_ptr + i, (-g_lv_kl - 0.5 * diff * g_mu).to(g_plv_ptr.dtype.element_ty), mask=mask)
+        else:
+            g_mu = gk * m
+            g_lv_kl = 0.5 * gk * (std * std - 1.0)
+        if SAMPLE:  # reparameterize_kl: z passes grad_z straight to mu
+            g_mu += gz
+        g_lv += g_lv_kl
+        tl.store(g_mu_ptr + i, g_mu.to(g_mu_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_lv_ptr + i, g_lv.to(g_lv_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- launchers
+def _as_rows(t, shape):
+    """(tensor, row_stride, col_stride) addressing ``t`` broadcast to ``shape`` as a
+    (rows, cols) matrix; layouts a zero or unit column stride cannot express are copied."""
+    cols = shape[-1] if len(shape) else 1
+    rows = shape.numel() // cols if cols else 0
+    expanded = t.expand(shape)
+    try:
+        matrix = expanded.view(rows, cols)
+        if matrix.stride(1) in (0, 1) or cols == 1:
+            return expanded, matrix.stride(0) if rows > 1 else 0, matrix.stride(1) if cols > 1 else 0
+    except RuntimeError:  # not expressible as a (rows, cols) view
+        pass
+    return expanded.contiguous(), cols, 1
+
+
+def _divisor(reduction, mu):
+    """The reduced KL is sum / divisor (1 for "none" and "sum")."""
+    if reduction == "mean":
+        return float(max(mu.numel(), 1))
+    if reduction == "batchmean":
+        return float(mu.shape[0]) if mu.dim() else 1.0
+    return 1.0
+
+
+def _launch(kernel, mu, operands, outputs, seed, scale=None, **flags):
+    """Launch ``kernel`` over mu's elements. ``operands``: input tensors broadcast to mu's
+    shape (None: unused slot), or a 0-d tensor the kernel reads once (wrapped in a tuple);
+    ``outputs``: contiguous tensors or None (unused)."""
+    n, shape = mu.numel(), mu.shape
+    if n == 0:
+        return
+    tensors, strides, flat = [], [], True
+    for t in operands:
+        if isinstance(t, tuple):  # a scalar, read once whatever the layout
+            tensors.append(t[0])
+            strides += [0, 0]
+            continue
+        t, row_stride, col_stride = _as_rows(mu if t is None else t, shape)
+        tensors.append(t)
+        strides += [row_stride, col_stride]
+        flat = flat and t.is_contiguous()
+    outputs = [mu if o is None else o for o in outputs]  # unused pointer slots
+    extra = () if scale is None else (scale,)
+    kernel[(triton.cdiv(n, BLOCK),)](*tensors, mu if seed is None else seed, *outputs, n,
+                                     shape[-1] if len(shape) else 1, *extra, *strides,
+                                     FLAT=flat, BLOCK=BLOCK, **flags)
+
+
+def _forward(mu, logvar, prior_mu, prior_logvar, seed, sample, reduction):
+    kl = reduction is not None
+    reduce = kl and _REDUCTIONS[reduction] == 1
+    z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if sample else None
+    kl_out = None
+    if kl:
+        shape = (triton.cdiv(mu.numel(), BLOCK),) if reduce else mu.shape
+        kl_out = torch.empty(shape, dtype=torch.float32 if reduce else mu.dtype, device=mu.device)
+    prior = prior_mu is not None or prior_logvar is not None
+    zero = mu.new_zeros(())
+    priors = [(zero if p is None else p) if prior else None for p in (prior_mu, prior_logvar)]
+    _launch(_forward_kernel, mu, [mu, logvar] + priors, [z, kl_out], seed,
+            SAMPLE=sample, KL=kl, REDUCE=reduce, PRIOR=prior)
+    if reduce:
+        total = torch.empty((), dtype=mu.dtype, device=mu.device)
+        _sum_kernel[(1,)](kl_out, total, kl_out.numel(), _divisor(reduction, mu), SUM_BLOCK=SUM_BLOCK)
+        kl_out = total
+    return z, kl_out
+
+
+def _backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, reduction):
+    sample, kl = grad_z is not None, grad_kl is not None
+    reduce = kl and _REDUCTIONS[reduction] == 1
+    prior = prior_mu is not None or prior_logvar is not None
+    count = 1 if not kl else 4 if prior else 2
+    grads = [torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device) for _ in range(count)]
+    g_mu, g_lv = (None, grads[0]) if not kl else grads[:2]
+    g_pm, g_plv = grads[2:] if prior else (None, None)
+    zero = logvar.new_zeros(())
+    priors = [(zero if p is None else p) if prior else None for p in (prior_mu, prior_logvar)]
+    divisor = _divisor(reduction, logvar)
+    scale = 1.0 / divisor if divisor else math.nan  # divisor 0: an empty batch, nothing to scale
+    grad_kl = (grad_kl,) if reduce else grad_kl  # a reduction's gradient is a scalar
+    _launch(_backward_kernel, logvar, [grad_z, grad_kl, mu, logvar] + priors, [g_mu, g_lv, g_pm, g_plv], seed,
+            scale, SAMPLE=sample, KL=kl, REDUCE=reduce, PRIOR=prior)
+    return grads
+
+
+# ---------------------------------------------------------------- the backend interface
+def reparameterize(mu, logvar, seed):
+    return _forward(mu, logvar, None, None, seed, True, None)[0]
+
+
+def reparameterize_backward(grad_z, logvar, seed):
+    return _backward(grad_z, None, None, logvar, None, None, seed, None)[0]
+
+
+def gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction):
+    return _forward(mu, logvar, prior_mu, prior_logvar, None, False, reduction)[1]
+
+
+def gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, reduction):
+    return _backward(None, grad, mu, logvar, prior_mu, prior_logvar, None, reduction)
+
+
+def reparameterize_kl(mu, logvar, seed, reduction):
+    return _forward(mu, logvar, None, None, seed, True, reduction)
+
+
+def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction):
+    return _backward(grad_z, grad_kl, mu, logvar, None, None, seed, reduction)
