@@ -27,4 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("reparameterize", &fastvae::reparameterize);
   // ---- Gumbel column
   // ---- VQ column
+  m.def("nearest_code", &fastvae::nearest_code);
+  m.def("vector_quantize", &fastvae::vector_quantize);
+  m.def("vector_quantize_backward", &fastvae::vector_quantize_backward);
 }
