@@ -9,3 +9,4 @@ import triton  # noqa: F401  (a missing triton makes this backend unavailable)
 # ---- Gaussian column (kernels/gaussian.py)
 # ---- Gumbel column (kernels/gumbel.py)
 # ---- VQ column (kernels/vq.py)
+from .vq import nearest_code, vector_quantize, vector_quantize_backward  # noqa: E402,F401
