@@ -4,8 +4,8 @@
 // Search. Codes are ranked by v_k = ||e_k||^2 - 2 x.e_k (||x||^2 is constant per row), a
 // block of rows against a tile of codes at a time, so memory is O(threads x block x tile),
 // never O(N x K). Two paths compute v:
-//   * small D: a fused SIMD kernel (4 rows x 16 codes in registers, the codebook packed
-//     once per call as [16-code chunk][D][16]); a GEMM of inner size D <= 16 would spend
+//   * small D: a fused SIMD kernel (4 rows x one SIMD register of codes, the codebook
+//     packed once per call as [lane chunk][D][lanes]); a GEMM of inner size D <= 16 would spend
 //     its time writing and re-reading the (block x tile) product instead of computing.
 //   * larger D: at::mm of a row block against a code tile (float32, -2 folded into the
 //     codebook once, exact since it is a power of two) into a per-thread buffer that
@@ -33,7 +33,12 @@
 namespace fastvae {
 namespace {
 
+// One SIMD register of floats: GCC lowers wider vector types badly (through the stack).
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
 // GCC/Clang vector types; aligned(4) makes plain dereference an unaligned load.
 typedef float VecF __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
 typedef int32_t VecI __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
@@ -111,8 +116,8 @@ struct Codebook {
   int64_t num_codes, dim, num_chunks;
   at::Tensor rows;            // (K, D) float32: exact values for re-ranking
   at::Tensor minus2;          // (K, D) -2 * rows (GEMM path)
-  std::vector<float> packed;  // fused path: [chunk][D][16], zero padded
-  std::vector<float> sq_norm;  // (num_chunks * 16), +inf padding never wins
+  std::vector<float> packed;  // fused path: [chunk][D][kLanes], zero padded
+  std::vector<float> sq_norm;  // (num_chunks * kLanes), +inf padding never wins
   double max_sq_norm = 0, max_norm = 0;
 
   Codebook(const at::Tensor& codebook, bool fused)
