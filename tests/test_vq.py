@@ -196,6 +196,19 @@ def test_deterministic_backward_bits(backend):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("n,k,d", [(40, 300, 64), (3, 1000, 40), (20, 50, 256)])
+def test_triton_small_blocks(monkeypatch, n, k, d):
+    """The Triton kernels with GPU-sized blocks (the D > BLOCK_D loop, many code splits)."""
+    if "triton" not in fastvae.available_backends():
+        pytest.skip("the triton backend is not available")
+    import importlib
+    kernels_vq = importlib.import_module("fastvae.kernels.vq")
+    monkeypatch.setattr(kernels_vq, "_config", lambda x: (16, 16, 16, 16, 64))
+    offset = 300.0 * torch.ones(d)  # large norms: the exact rescan runs with these blocks too
+    for x, codebook in [(torch.randn(n, d), torch.randn(k, d)), (offset + torch.randn(n, d), offset + torch.randn(k, d))]:
+        assert_nearest(*kernels_vq.nearest_code(x, codebook), x, codebook)
+
+
 def test_bad_input_raises(backend):
     x, codebook = torch.randn(10, 4), torch.randn(5, 4)
     with pytest.raises(TypeError, match="x"):

@@ -4,7 +4,7 @@
 // Search. Codes are ranked by v_k = ||e_k||^2 - 2 x.e_k (||x||^2 is constant per row), a
 // block of rows against a tile of codes at a time, so memory is O(threads x block x tile),
 // never O(N x K). Two paths compute v:
-//   * small D: a fused SIMD kernel (4 rows x one SIMD register of codes, the codebook
+//   * small D: a fused SIMD kernel (8 rows x one SIMD register of codes, the codebook
 //     packed once per call as [lane chunk][D][lanes]); a GEMM of inner size D <= 16 would spend
 //     its time writing and re-reading the (block x tile) product instead of computing.
 //   * larger D: at::mm of a row block against a code tile (float32, -2 folded into the
@@ -44,7 +44,7 @@ typedef float VecF __attribute__((vector_size(4 * kLanes), aligned(4), may_alias
 typedef int32_t VecI __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
 
 constexpr int64_t kFusedMaxDim = 16;   // D up to this uses the fused kernel
-constexpr int64_t kFusedRows = 4;      // rows sharing each codebook load in the fused kernel
+constexpr int64_t kFusedRows = 8;      // rows sharing each codebook load (8 measured fastest on AVX2)
 constexpr int64_t kRowBlock = 256;     // rows per task
 constexpr int64_t kTileBytes = 1 << 18;  // codebook tile (fused) / product buffer (GEMM) per task
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -160,9 +160,10 @@ void fused_search_tile(const Codebook& cb, const float* xf, int64_t rows, int64_
   const int64_t d = cb.dim;
   const VecI iota = lane_iota();
   for (int64_t r0 = 0; r0 < rows; r0 += kFusedRows) {
-    // Missing rows of the last group repeat row r0 (harmless work, never stored).
-    const float* xr[kFusedRows];
-    for (int64_t r = 0; r < kFusedRows; ++r) xr[r] = xf + std::min(r0 + r, rows - 1) * d;
+    // Missing rows of the last group repeat the last row (harmless work, never stored).
+    float xm2[kFusedRows][kFusedMaxDim];  // -2 x, broadcast into the FMAs
+    for (int64_t r = 0; r < kFusedRows; ++r)
+      for (int64_t j = 0; j < d; ++j) xm2[r][j] = -2.f * xf[std::min(r0 + r, rows - 1) * d + j];
     RowState s[kFusedRows];
     for (int64_t r = 0; r < kFusedRows; ++r) s[r] = states[std::min(r0 + r, rows - 1)];
     for (int64_t c = c0; c < c1; ++c) {
@@ -172,7 +173,7 @@ void fused_search_tile(const Codebook& cb, const float* xf, int64_t rows, int64_
       for (int64_t r = 0; r < kFusedRows; ++r) acc[r] = norm;
       for (int64_t j = 0; j < d; ++j) {
         VecF e = *reinterpret_cast<const VecF*>(panel + j * kLanes);
-        for (int64_t r = 0; r < kFusedRows; ++r) acc[r] += (-2.f * xr[r][j]) * e;
+        for (int64_t r = 0; r < kFusedRows; ++r) acc[r] += xm2[r][j] * e;
       }
       VecI codes = iota + static_cast<int32_t>(c * kLanes);
       for (int64_t r = 0; r < kFusedRows; ++r) s[r].update(acc[r], codes);
