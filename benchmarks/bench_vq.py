@@ -47,8 +47,16 @@ def faiss_candidate(x, codebook):
     return (lambda: index.search(queries, 1)), None
 
 
+# vector-quantize-pytorch peaks at about four (N, K) float32 matrices (8 GiB at
+# (65536, 8192)); above this the column is skipped rather than risk the OOM killer.
+VQP_MAX_BYTES = 10 * 2**30
+
+
 def vqp_candidate(x, codebook):
     """vector_quantize_pytorch.VectorQuantize forward (eval, no grad) on our codebook."""
+    if 4 * 4 * x.shape[0] * codebook.shape[0] > VQP_MAX_BYTES:
+        return None, f"vector-quantize-pytorch skipped at {tuple(x.shape)} x {tuple(codebook.shape)}: about " \
+                     f"{16 * x.shape[0] * codebook.shape[0] / 2**30:.0f} GiB of (N, K) temporaries"
     try:
         from vector_quantize_pytorch import VectorQuantize
     except ImportError:
@@ -100,10 +108,10 @@ def cases(args):
 
 def main():
     args = parser(__doc__).parse_args()
-    records = []
+    records, path = [], None
     for case in cases(args):
         records += run_case(case, args)
-    save("vq", records, args.device, args.out)
+        path = save("vq", records, args.device, args.out or path)  # after every case: a crash keeps the rest
 
 
 if __name__ == "__main__":

@@ -4,14 +4,15 @@
 // Search. Codes are ranked by v_k = ||e_k||^2 - 2 x.e_k (||x||^2 is constant per row), a
 // block of rows against a tile of codes at a time, so memory is O(threads x block x tile),
 // never O(N x K). Two paths compute v:
-//   * small D: a fused SIMD kernel (8 rows x one SIMD register of codes, the codebook
-//     packed once per call as [lane chunk][D][lanes]); a GEMM of inner size D <= 16 would spend
-//     its time writing and re-reading the (block x tile) product instead of computing.
+//   * small D: a fused SIMD kernel, one row per SIMD lane, x held in registers for the
+//     whole code range, each code's D values broadcast (D a template parameter so the
+//     dot unrolls); a GEMM of inner size D <= 16 would spend its time writing and
+//     re-reading the (block x tile) product instead of computing.
 //   * larger D: at::mm of a row block against a code tile (float32, -2 folded into the
 //     codebook once, exact since it is a power of two) into a per-thread buffer that
 //     stays in L2, then a scan adding ||e||^2. Threads split the rows.
-// Each row keeps, per SIMD lane, the best v, its index and the second best v, so the
-// scan is branch-free; lanes are merged at the end with ties to the lowest index.
+// Each row keeps the best v, its index and the second best v (GEMM path: per SIMD lane,
+// merged at the end with ties to the lowest index).
 //
 // Exactness. With large ||x|| the expansion loses digits: its rounding error is at most
 // B = (D + 4) u (max ||e||^2 + 2 ||x|| max ||e||), u = 2^-24. When the second best v is
@@ -22,6 +23,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -44,7 +46,6 @@ typedef float VecF __attribute__((vector_size(4 * kLanes), aligned(4), may_alias
 typedef int32_t VecI __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
 
 constexpr int64_t kFusedMaxDim = 16;   // D up to this uses the fused kernel
-constexpr int64_t kFusedRows = 8;      // rows sharing each codebook load (8 measured fastest on AVX2)
 constexpr int64_t kRowBlock = 256;     // rows per task
 constexpr int64_t kTileBytes = 1 << 18;  // codebook tile (fused) / product buffer (GEMM) per task
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -115,12 +116,11 @@ inline Winner merge_lanes(const RowState& s) {
 struct Codebook {
   int64_t num_codes, dim, num_chunks;
   at::Tensor rows;            // (K, D) float32: exact values for re-ranking
-  at::Tensor minus2;          // (K, D) -2 * rows (GEMM path)
-  std::vector<float> packed;  // fused path: [chunk][D][kLanes], zero padded
+  at::Tensor minus2;          // (K, D) -2 * rows
   std::vector<float> sq_norm;  // (num_chunks * kLanes), +inf padding never wins
   double max_sq_norm = 0, max_norm = 0;
 
-  Codebook(const at::Tensor& codebook, bool fused)
+  explicit Codebook(const at::Tensor& codebook)
       : num_codes(codebook.size(0)), dim(codebook.size(1)), num_chunks((num_codes + kLanes - 1) / kLanes) {
     rows = codebook.to(at::kFloat).contiguous();
     const float* e = rows.data_ptr<float>();
@@ -132,13 +132,7 @@ struct Codebook {
       max_sq_norm = std::max(max_sq_norm, static_cast<double>(s));
     }
     max_norm = std::sqrt(max_sq_norm);
-    if (fused) {
-      packed.assign(num_chunks * dim * kLanes, 0.f);
-      for (int64_t k = 0; k < num_codes; ++k)
-        for (int64_t j = 0; j < dim; ++j) packed[((k / kLanes) * dim + j) * kLanes + k % kLanes] = e[k * dim + j];
-    } else {
-      minus2 = rows * -2.0;
-    }
+    minus2 = rows * -2.0;
   }
   const float* code(int64_t k) const { return rows.data_ptr<float>() + k * dim; }
 };
@@ -155,30 +149,74 @@ const float* rows_as_float(const scalar_t* x, int64_t begin, int64_t end, int64_
   }
 }
 
-// Fused small-D kernel: states[r] absorbs chunks [c0, c1) for rows xf[r * D ...], r < rows.
-void fused_search_tile(const Codebook& cb, const float* xf, int64_t rows, int64_t c0, int64_t c1, RowState* states) {
-  const int64_t d = cb.dim;
-  const VecI iota = lane_iota();
-  for (int64_t r0 = 0; r0 < rows; r0 += kFusedRows) {
-    // Missing rows of the last group repeat the last row (harmless work, never stored).
-    float xm2[kFusedRows][kFusedMaxDim];  // -2 x, broadcast into the FMAs
-    for (int64_t r = 0; r < kFusedRows; ++r)
-      for (int64_t j = 0; j < d; ++j) xm2[r][j] = -2.f * xf[std::min(r0 + r, rows - 1) * d + j];
-    RowState s[kFusedRows];
-    for (int64_t r = 0; r < kFusedRows; ++r) s[r] = states[std::min(r0 + r, rows - 1)];
-    for (int64_t c = c0; c < c1; ++c) {
-      const float* panel = cb.packed.data() + c * d * kLanes;
-      VecF norm = *reinterpret_cast<const VecF*>(cb.sq_norm.data() + c * kLanes);
-      VecF acc[kFusedRows];
-      for (int64_t r = 0; r < kFusedRows; ++r) acc[r] = norm;
-      for (int64_t j = 0; j < d; ++j) {
-        VecF e = *reinterpret_cast<const VecF*>(panel + j * kLanes);
-        for (int64_t r = 0; r < kFusedRows; ++r) acc[r] += xm2[r][j] * e;
-      }
-      VecI codes = iota + static_cast<int32_t>(c * kLanes);
-      for (int64_t r = 0; r < kFusedRows; ++r) s[r].update(acc[r], codes);
+// Fused small-D kernel: the rows of one SIMD register (lane l: row l, stored transposed
+// as xt[j * kLanes + l]) absorb codes [k0, k1), four codes' dot products in flight at a
+// time (4 measured fastest on AVX2; skipping the bookkeeping when no lane improves was
+// slower, not faster).
+template <int D>
+void fused_search_rows(const Codebook& cb, const float* xt, int64_t k0, int64_t k1, RowState& state) {
+  constexpr int kUnroll = 4;
+  VecF x[D];
+  for (int j = 0; j < D; ++j) x[j] = *reinterpret_cast<const VecF*>(xt + j * kLanes);
+  const float* em2 = cb.minus2.data_ptr<float>();
+  const float* sq_norm = cb.sq_norm.data();
+  VecF best = state.best, second = state.second;
+  VecI index = state.index;
+  auto expansion = [&](int64_t code) {  // ||e||^2 - 2 x.e for every lane, in two FMA chains
+    const float* e = em2 + code * D;
+    VecF even = VecF{} + sq_norm[code], odd = VecF{};
+    for (int j = 0; j < D; j += 2) {
+      even += e[j] * x[j];
+      if (j + 1 < D) odd += e[j + 1] * x[j + 1];
     }
-    for (int64_t r = 0; r < kFusedRows && r0 + r < rows; ++r) states[r0 + r] = s[r];
+    return even + odd;
+  };
+  auto absorb = [&](VecF v, int64_t code) {
+    auto better = v < best;  // strict: ties keep the lower index
+    index = better ? (VecI{} + static_cast<int32_t>(code)) : index;
+    VecF displaced = best < v ? v : best;  // max(best, v)
+    second = displaced < second ? displaced : second;
+    best = better ? v : best;
+  };
+  int64_t k = k0;
+  for (; k + kUnroll <= k1; k += kUnroll) {
+    VecF v[kUnroll];
+    for (int u = 0; u < kUnroll; ++u) v[u] = expansion(k + u);
+    for (int u = 0; u < kUnroll; ++u) absorb(v[u], k + u);
+  }
+  for (; k < k1; ++k) absorb(expansion(k), k);
+  state.best = best, state.second = second, state.index = index;
+}
+
+using FusedSearchRows = void (*)(const Codebook&, const float*, int64_t, int64_t, RowState&);
+
+template <size_t... Dims>
+constexpr std::array<FusedSearchRows, sizeof...(Dims)> fused_kernels(std::index_sequence<Dims...>) {
+  return {&fused_search_rows<static_cast<int>(Dims) + 1>...};
+}
+
+// Fused path over one row block: code tiles outermost so a tile stays in L2 while every
+// group of kLanes rows passes over it.
+void fused_search_block(const Codebook& cb, const float* xf, int64_t rows, int64_t tile_codes,
+                        std::vector<float>& transposed, std::vector<RowState>& states, Winner* winners) {
+  static constexpr auto kernels = fused_kernels(std::make_index_sequence<kFusedMaxDim>());
+  const FusedSearchRows kernel = kernels[cb.dim - 1];
+  const int64_t d = cb.dim, groups = (rows + kLanes - 1) / kLanes;
+  transposed.resize(groups * d * kLanes);
+  for (int64_t g = 0; g < groups; ++g) {
+    states[g].reset();
+    for (int64_t l = 0; l < kLanes; ++l) {  // missing rows repeat the last one (never read back)
+      const float* row = xf + std::min(g * kLanes + l, rows - 1) * d;
+      for (int64_t j = 0; j < d; ++j) transposed[(g * d + j) * kLanes + l] = row[j];
+    }
+  }
+  for (int64_t k0 = 0; k0 < cb.num_codes; k0 += tile_codes)
+    for (int64_t g = 0; g < groups; ++g)
+      kernel(cb, transposed.data() + g * d * kLanes, k0, std::min(cb.num_codes, k0 + tile_codes), states[g]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const RowState& s = states[r / kLanes];
+    const int l = static_cast<int>(r % kLanes);
+    winners[r] = {s.index[l], s.best[l], s.second[l] - s.best[l]};
   }
 }
 
@@ -204,9 +242,8 @@ void scan_product(const Codebook& cb, const float* product, int64_t rows, int64_
 
 // Finishes a row: the certain winner, or an exact float32 scan when the gap is within
 // the expansion's rounding bound.
-inline void finish_row(const Codebook& cb, const float* xrow, const RowState& state, int64_t* index_out,
+inline void finish_row(const Codebook& cb, const float* xrow, const Winner& w, int64_t* index_out,
                        float* dist_out) {
-  const Winner w = merge_lanes(state);
   const double x_norm = std::sqrt(static_cast<double>(exact_sq_dist(xrow, nullptr, cb.dim)));
   const double bound = (cb.dim + 4) * kUnitRoundoff * (cb.max_sq_norm + 2.0 * x_norm * cb.max_norm);
   if (static_cast<double>(w.gap) > 2.0 * bound) {
@@ -227,27 +264,26 @@ inline void finish_row(const Codebook& cb, const float* xrow, const RowState& st
 // Nearest code of every row of x (N, D): writes indices and float32 squared distances.
 void search(const at::Tensor& x, const at::Tensor& codebook, int64_t* indices, float* sq_dist) {
   const int64_t n = x.size(0), d = x.size(1);
-  const bool fused = d <= kFusedMaxDim;
-  const Codebook cb(codebook, fused);
-  const int64_t chunk_bytes = std::max<int64_t>(d, 1) * kLanes * 4;
-  const int64_t tile_chunks = std::max<int64_t>(1, kTileBytes / chunk_bytes);          // fused: codebook tile
-  const int64_t tile_codes = std::max<int64_t>(kLanes, kTileBytes / (kRowBlock * 4));  // GEMM: buffer width
+  const bool fused = d >= 1 && d <= kFusedMaxDim;
+  const Codebook cb(codebook);
+  // Codes per tile: fused, a codebook tile of kTileBytes; GEMM, a product buffer of kTileBytes.
+  const int64_t tile_codes = std::max<int64_t>(kLanes, kTileBytes / ((fused ? d + 1 : kRowBlock) * 4));
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   FASTVAE_DISPATCH_FLOATS(x.scalar_type(), "nearest_code", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-      std::vector<float> scratch;
+      std::vector<float> scratch, transposed;
       std::vector<RowState> states(kRowBlock);
+      std::vector<Winner> winners(kRowBlock);
       at::Tensor product;
       if (!fused) product = at::empty({kRowBlock * tile_codes}, at::kFloat);
       for (int64_t block = block_begin; block < block_end; ++block) {
         const int64_t begin = block * kRowBlock, end = std::min(n, begin + kRowBlock), rows = end - begin;
         const float* xf = rows_as_float(xp, begin, end, d, scratch);
-        for (int64_t r = 0; r < rows; ++r) states[r].reset();
         if (fused) {
-          for (int64_t c0 = 0; c0 < cb.num_chunks; c0 += tile_chunks)
-            fused_search_tile(cb, xf, rows, c0, std::min(cb.num_chunks, c0 + tile_chunks), states.data());
+          fused_search_block(cb, xf, rows, tile_codes, transposed, states, winners.data());
         } else {
+          for (int64_t r = 0; r < rows; ++r) states[r].reset();
           const at::Tensor xblock = at::from_blob(const_cast<float*>(xf), {rows, d}, at::kFloat);
           for (int64_t k0 = 0; k0 < cb.num_codes; k0 += tile_codes) {
             const int64_t width = std::min(tile_codes, cb.num_codes - k0);
@@ -255,9 +291,10 @@ void search(const at::Tensor& x, const at::Tensor& codebook, int64_t* indices, f
             at::mm_out(out, xblock, cb.minus2.narrow(0, k0, width).t());
             scan_product(cb, out.data_ptr<float>(), rows, k0, width, states.data());
           }
+          for (int64_t r = 0; r < rows; ++r) winners[r] = merge_lanes(states[r]);
         }
         for (int64_t r = 0; r < rows; ++r)
-          finish_row(cb, xf + r * d, states[r], indices + begin + r, sq_dist + begin + r);
+          finish_row(cb, xf + r * d, winners[r], indices + begin + r, sq_dist + begin + r);
       }
     });
   });
