@@ -114,17 +114,17 @@ inline Winner merge_lanes(const RowState& s) {
 
 // The codebook in float32 with what both search paths need, prepared once per call.
 struct Codebook {
-  int64_t num_codes, dim, num_chunks;
+  int64_t num_codes, dim;
   at::Tensor rows;            // (K, D) float32: exact values for re-ranking
   at::Tensor minus2;          // (K, D) -2 * rows
-  std::vector<float> sq_norm;  // (num_chunks * kLanes), +inf padding never wins
+  std::vector<float> sq_norm;  // (K) ||e_k||^2 in float32
   double max_sq_norm = 0, max_norm = 0;
 
   explicit Codebook(const at::Tensor& codebook)
-      : num_codes(codebook.size(0)), dim(codebook.size(1)), num_chunks((num_codes + kLanes - 1) / kLanes) {
+      : num_codes(codebook.size(0)), dim(codebook.size(1)) {
     rows = codebook.to(at::kFloat).contiguous();
     const float* e = rows.data_ptr<float>();
-    sq_norm.assign(num_chunks * kLanes, kInf);
+    sq_norm.resize(num_codes);
     for (int64_t k = 0; k < num_codes; ++k) {
       float s = 0.f;
       for (int64_t j = 0; j < dim; ++j) s += e[k * dim + j] * e[k * dim + j];
