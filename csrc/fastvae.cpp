@@ -37,4 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("categorical_kl", &fastvae::categorical_kl);
   m.def("categorical_kl_backward", &fastvae::categorical_kl_backward);
   // ---- VQ column
+  m.def("nearest_code", &fastvae::nearest_code);
+  m.def("vector_quantize", &fastvae::vector_quantize);
+  m.def("vector_quantize_backward", &fastvae::vector_quantize_backward);
 }

@@ -31,6 +31,13 @@ std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at
                                                 const std::string& reduction);
 
 // ---- VQ column: csrc/cpu/vq.cpp
+std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::Tensor& codebook);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor& x, const at::Tensor& codebook,
+                                                               double beta);
+std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& grad_quantized,
+                                                            const at::Tensor& grad_loss, const at::Tensor& x,
+                                                            const at::Tensor& codebook, const at::Tensor& indices,
+                                                            double beta);
 
 // csrc/cpu/rng.cpp: the raw streams, exposed so tests can check them against the reference.
 at::Tensor philox4x32(const at::Tensor& counters, int64_t seed);

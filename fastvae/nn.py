@@ -64,37 +64,100 @@ class GumbelSoftmax(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """VQ-VAE quantizer with a learned codebook of ``num_codes`` vectors of size ``dim``.
+    """VQ-VAE quantizer with a codebook of ``num_codes`` vectors of size ``dim``.
 
-    ``forward(x)`` returns ``(quantized, indices, loss)`` as
-    :func:`fastvae.vector_quantize`: ``quantized`` carries the straight-through gradient,
-    ``loss`` is the codebook loss plus ``beta`` times the commitment loss.
+    ``forward(x)`` returns ``(quantized, indices, loss)`` as :func:`fastvae.vector_quantize`:
+    ``quantized`` carries the straight-through gradient to ``x``.
+
+    * ``ema_decay=None`` (default): the codebook is a parameter trained by gradient;
+      ``loss = mse(e, sg(x)) + beta * mse(x, sg(e))``.
+    * ``ema_decay`` a float in (0, 1): the codebook is a buffer updated by exponential
+      moving averages (VQ-VAE appendix / Sonnet ``VectorQuantizerEMA``), in training mode
+      only, after the assignment: ``N_k <- d N_k + (1 - d) n_k`` (codes' counts),
+      ``m_k <- d m_k + (1 - d) sum of the x assigned to k``, Laplace smoothing
+      ``N_k' = (N_k + eps) / (n + K eps) * n`` with ``n = sum N_k``, then
+      ``e_k = m_k / N_k'``. ``loss`` is then the commitment term ``beta * mse(x, sg(e))``
+      only. The averages start as one pseudo-assignment of each code to its own initial
+      value, so a code that is not chosen stays where it is (rather than jumping to
+      ``m_k / eps``) until its count decays to the order of ``eps``; from then on the
+      smoothing pulls it toward the origin, as in Sonnet (restart such dead codes, e.g.
+      from ``usage_count``).
+
+    Usage statistics: ``perplexity`` (tensor, set by every call) is ``exp`` of the entropy
+    of the codes' frequencies in that call (``num_codes`` when all are used evenly, 1 when
+    one code takes everything); the buffer ``usage_count`` accumulates how often each code
+    was chosen in training mode (``reset_usage()`` clears it), e.g. to find dead codes.
 
     ``channel_dim``: the dimension of ``x`` holding the ``dim`` features; ``-1``
     (default) for ``(..., D)`` input, ``1`` for channel-first ``(B, D, H, W)`` feature
     maps (``quantized`` then has ``x``'s layout and ``indices`` is ``(B, H, W)``).
     """
 
-    def __init__(self, num_codes, dim, beta=0.25, channel_dim=-1, device=None, dtype=None):
+    def __init__(self, num_codes, dim, beta=0.25, channel_dim=-1, ema_decay=None, ema_eps=1e-5, device=None,
+                 dtype=None):
         super().__init__()
         if num_codes < 1 or dim < 1:
             raise ValueError(f"num_codes and dim must be positive, got {num_codes} and {dim}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay}")
         self.num_codes, self.dim, self.beta, self.channel_dim = num_codes, dim, beta, channel_dim
-        self.codebook = nn.Parameter(torch.empty(num_codes, dim, device=device, dtype=dtype))
+        self.ema_decay, self.ema_eps = ema_decay, ema_eps
+        factory = {"device": device, "dtype": dtype}
+        if ema_decay is None:
+            self.codebook = nn.Parameter(torch.empty(num_codes, dim, **factory))
+        else:
+            self.register_buffer("codebook", torch.empty(num_codes, dim, **factory))
+            self.register_buffer("ema_count", torch.empty(num_codes, device=device, dtype=torch.float32))
+            self.register_buffer("ema_sum", torch.empty(num_codes, dim, device=device, dtype=torch.float32))
+        self.register_buffer("usage_count", torch.zeros(num_codes, device=device, dtype=torch.int64))
+        self.perplexity = None
         self.reset_parameters()
 
     def reset_parameters(self):
         # As the original VQ-VAE: uniform in +-1/K.
-        nn.init.uniform_(self.codebook, -1.0 / self.num_codes, 1.0 / self.num_codes)
+        with torch.no_grad():
+            nn.init.uniform_(self.codebook, -1.0 / self.num_codes, 1.0 / self.num_codes)
+            if self.ema_decay is not None:
+                self.ema_count.fill_(1.0)
+                self.ema_sum.copy_(self.codebook)
+
+    def reset_usage(self):
+        self.usage_count.zero_()
 
     def forward(self, x):
         channel_last = self.channel_dim in (-1, x.dim() - 1)
         if not channel_last:
             x = x.movedim(self.channel_dim, -1)
-        quantized, indices, loss = ops.vector_quantize(x, self.codebook.to(x.dtype), beta=self.beta)
+        codebook = self.codebook.to(x.dtype)
+        if self.ema_decay is not None and self.training and codebook is self.codebook:
+            codebook = codebook.clone()  # autograd keeps it for backward; the EMA update rewrites the buffer
+        quantized, indices, loss = ops.vector_quantize(x, codebook, beta=self.beta)
+        if self.ema_decay is not None:
+            # The op's loss is (1 + beta) * mse with gradient only through the commitment term
+            # (the codebook buffer takes none): subtracting the detached mse leaves beta * mse
+            # with that same gradient, without another pass over x.
+            loss = loss - loss.detach() / (1.0 + self.beta)
+        with torch.no_grad():
+            counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes)
+            probs = counts.float() / max(indices.numel(), 1)
+            self.perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
+            if self.training:
+                self.usage_count += counts
+                if self.ema_decay is not None:
+                    self._ema_update(x.detach().reshape(-1, self.dim), indices.reshape(-1), counts)
         if not channel_last:
             quantized = quantized.movedim(-1, self.channel_dim)
         return quantized, indices, loss
 
+    def _ema_update(self, flat_x, indices, counts):
+        decay = self.ema_decay
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, indices, flat_x.float())
+        self.ema_count.mul_(decay).add_(counts.float(), alpha=1.0 - decay)
+        self.ema_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
+        total = self.ema_count.sum()
+        smoothed = (self.ema_count + self.ema_eps) / (total + self.num_codes * self.ema_eps) * total
+        self.codebook.copy_(self.ema_sum / smoothed[:, None])
+
     def extra_repr(self):
-        return f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, channel_dim={self.channel_dim}"
+        ema = "" if self.ema_decay is None else f", ema_decay={self.ema_decay}, ema_eps={self.ema_eps}"
+        return f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, channel_dim={self.channel_dim}{ema}"

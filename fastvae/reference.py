@@ -252,16 +252,33 @@ _REFERENCE_ROW_BLOCK = 4096
 
 
 def nearest_code(x, codebook):
-    """Exhaustive argmin of squared L2 distance, in row blocks so memory stays bounded."""
+    """Exhaustive argmin of squared L2 distance, in row blocks so memory stays bounded.
+
+    Codes are ranked by ``||e||^2 - 2 x.e`` (``||x||^2`` is constant per row). That
+    expansion's rounding error is at most ``B = (D + 4) u (max ||e||^2 + 2 ||x|| max ||e||)``
+    (``u`` the unit roundoff), which with large norms exceeds the gaps between distances;
+    rows whose runner-up is within ``2B`` of the best are re-ranked by the exact
+    ``(x - e)^2``. Ties go to the lowest index.
+    """
     ct = compute_dtype(x)
     xc, cb = x.to(ct), codebook.to(ct)
     cb_sq = (cb * cb).sum(dim=1)
+    max_norm = cb_sq.max().sqrt() if cb.shape[0] else cb_sq.new_zeros(())
+    rounding = (x.shape[1] + 4) * torch.finfo(ct).eps / 2
     indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for start in range(0, x.shape[0], _REFERENCE_ROW_BLOCK):
         block = xc[start:start + _REFERENCE_ROW_BLOCK]
-        # ||x||^2 is constant per row, so ranking needs only ||e||^2 - 2 x.e; exact
-        # squared distances of the winners are computed below.
-        indices[start:start + block.shape[0]] = torch.addmm(cb_sq, block, cb.t(), alpha=-2.0).argmin(dim=1)
+        ranking = torch.addmm(cb_sq, block, cb.t(), alpha=-2.0)
+        best = ranking.argmin(dim=1)
+        if cb.shape[0] > 1:
+            two = ranking.topk(2, dim=1, largest=False).values
+            bound = rounding * (max_norm**2 + 2.0 * block.norm(dim=1) * max_norm)
+            ambiguous = ((two[:, 1] - two[:, 0]) <= 2.0 * bound).nonzero().squeeze(1)
+            # Exact distances of the ambiguous rows, a few rows at a time (rows x K x D).
+            step = max(1, 2**24 // max(cb.numel(), 1))
+            for rows in ambiguous.split(step):
+                best[rows] = ((block[rows, None, :] - cb[None]) ** 2).sum(dim=2).argmin(dim=1)
+        indices[start:start + block.shape[0]] = best
     sq_dist = ((xc - cb[indices]) ** 2).sum(dim=1)
     return indices, sq_dist.to(x.dtype).contiguous()
 

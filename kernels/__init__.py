@@ -12,3 +12,4 @@ from .gaussian import (gaussian_kl, gaussian_kl_backward, reparameterize, repara
 # ---- Gumbel column (kernels/gumbel.py)
 from .gumbel import categorical_kl, categorical_kl_backward, gumbel_softmax, gumbel_softmax_backward  # noqa: E402,F401
 # ---- VQ column (kernels/vq.py)
+from .vq import nearest_code, vector_quantize, vector_quantize_backward  # noqa: E402,F401

@@ -1,0 +1,118 @@
+"""VQ column: nearest_code and vector_quantize forward against what users run today.
+
+    python benchmarks/bench_vq.py [--device cuda] [--quick] [--samples 3]
+
+nearest_code: ``torch.cdist(x, e).argmin(1)``, the matmul expansion
+``(||e||^2 - 2 x e^T).argmin(1)`` in eager and under torch.compile, and faiss
+``IndexFlatL2`` (CPU, k=1). vector_quantize forward: the eager textbook layer (expansion,
+argmin, gather, loss) and ``vector_quantize_pytorch.VectorQuantize`` (eval, no grad).
+Peer packages are optional: a missing one's column is skipped with a note. Floor: the
+``2 N K D`` FLOPs of the distance GEMM over the measured float32 matrix rate. Peak memory
+is measured per candidate (O(N) for fastvae; the alternatives hold the (N, K) matrix).
+"""
+import torch
+
+import fastvae
+from harness import Case, compiled, fastvae_candidates, parser, run_case, save
+
+SHAPES = [(16384, 1024, 256), (65536, 8192, 256), (65536, 16384, 8), (131072, 512, 64)]
+
+
+def eager_nearest(x, codebook):
+    return torch.addmm((codebook * codebook).sum(1), x, codebook.t(), alpha=-2.0).argmin(1)
+
+
+def cdist_nearest(x, codebook):
+    return torch.cdist(x, codebook).argmin(1)
+
+
+def eager_vector_quantize(x, codebook, beta=0.25):
+    indices = eager_nearest(x, codebook)
+    quantized = codebook[indices]
+    mse = torch.nn.functional.mse_loss(quantized, x)
+    return x + (quantized - x), indices, (1.0 + beta) * mse
+
+
+def faiss_candidate(x, codebook):
+    """faiss IndexFlatL2 search with k=1, or a note saying why it is skipped."""
+    if x.device.type != "cpu":
+        return None, "faiss: CPU only here"
+    try:
+        import faiss
+    except ImportError:
+        return None, "faiss not installed (pip install faiss-cpu): column skipped"
+    index = faiss.IndexFlatL2(codebook.shape[1])
+    index.add(codebook.numpy())
+    queries = x.numpy()
+    return (lambda: index.search(queries, 1)), None
+
+
+# vector-quantize-pytorch peaks at about four (N, K) float32 matrices (8 GiB at
+# (65536, 8192)); above this the column is skipped rather than risk the OOM killer.
+VQP_MAX_BYTES = 10 * 2**30
+
+
+def vqp_candidate(x, codebook):
+    """vector_quantize_pytorch.VectorQuantize forward (eval, no grad) on our codebook."""
+    if 4 * 4 * x.shape[0] * codebook.shape[0] > VQP_MAX_BYTES:
+        return None, f"vector-quantize-pytorch skipped at {tuple(x.shape)} x {tuple(codebook.shape)}: about " \
+                     f"{16 * x.shape[0] * codebook.shape[0] / 2**30:.0f} GiB of (N, K) temporaries"
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return None, "vector-quantize-pytorch not installed: column skipped"
+    layer = VectorQuantize(dim=codebook.shape[1], codebook_size=codebook.shape[0]).to(x.device).eval()
+    with torch.no_grad():
+        layer._codebook.embed.copy_(codebook[None])
+    batch = x[None]  # (1, N, D)
+
+    def run():
+        with torch.no_grad():
+            return layer(batch)
+
+    return run, None
+
+
+def cases(args):
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    for n, k, d in shapes:
+        x = torch.randn(n, d, device=args.device)
+        codebook = torch.randn(k, d, device=args.device)
+        flops = 2 * n * k * d
+
+        candidates = fastvae_candidates(lambda: fastvae.nearest_code(x, codebook), args.device, ["nearest_code"])
+        candidates.pop("fastvae[torch]", None)  # the reference: the eager expansion again, row-blocked
+        candidates["torch.cdist+argmin"] = lambda: cdist_nearest(x, codebook)
+        candidates["matmul expansion eager"] = lambda: eager_nearest(x, codebook)
+        comp = compiled(eager_nearest, args)
+        if comp is not None:
+            candidates["matmul expansion compile"] = lambda: comp(x, codebook)
+        run_faiss, note = faiss_candidate(x, codebook)
+        if run_faiss is not None:
+            candidates["faiss IndexFlatL2"] = run_faiss
+        elif note:
+            print(note)
+        yield Case("nearest_code", (n, k, d), candidates, flops=flops, device=args.device, memory=True)
+
+        candidates = fastvae_candidates(lambda: fastvae.vector_quantize(x, codebook), args.device,
+                                        ["vector_quantize"])
+        candidates.pop("fastvae[torch]", None)
+        candidates["eager VQ layer"] = lambda: eager_vector_quantize(x, codebook)
+        run_vqp, note = vqp_candidate(x, codebook)
+        if run_vqp is not None:
+            candidates["vector-quantize-pytorch"] = run_vqp
+        elif note:
+            print(note)
+        yield Case("vector_quantize", (n, k, d), candidates, flops=flops, device=args.device, memory=True)
+
+
+def main():
+    args = parser(__doc__).parse_args()
+    records, path = [], None
+    for case in cases(args):
+        records += run_case(case, args)
+        path = save("vq", records, args.device, args.out or path)  # after every case: a crash keeps the rest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""VQ column in Triton: nearest_code, vector_quantize and its backward.
+
+Search (``_search_kernel``): a program takes ``BLOCK_N`` rows and a range of codes (all
+of them, or one split of them when there are too few row blocks to fill the device) and
+ranks codes tile by tile by ``v = ||e||^2 - 2 x.e`` with ``tl.dot``, keeping per row the
+best ``v``, its index (ties to the lowest) and the second best ``v`` in registers.
+``||e||^2`` is computed once per call. The ``(N, K)`` matrix never exists.
+
+Finish (``_finish_kernel``): merges the splits in code order (ties to the lowest index)
+and makes the answer exact. The expansion's rounding error is at most
+``B = ROUNDING * (max ||e||^2 + 2 ||x|| max ||e||)``; when the second best is more than
+``2B`` above the best, the best is the exact argmin, otherwise (near-ties, large norms)
+the row block is searched again with the exact float32 ``(x - e)^2``. It then gathers the
+winning code (``quantized`` is a copy of codebook rows) and its exact squared distance.
+
+On CUDA the dot runs as ``tf32x3`` (three tensor-core passes, close to float32), with a
+bound widened to match; under ``TRITON_INTERPRET=1`` it is float32.
+"""
+import torch
+import triton
+import triton.language as tl
+
+_UNIT_ROUNDOFF = 2.0**-24
+# tf32x3 keeps about 21 bits per product (the dropped lo*lo term and the lo parts'
+# own rounding); counted as 32 extra float32 roundings per dot, a 4x margin.
+_TF32X3_EXTRA_ROUNDINGS = 32
+_INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _merge(best, second, index, cand_best, cand_second, cand_index):
+    """Running (best, second best, index) absorbing a candidate from later codes."""
+    better = cand_best < best  # strict: equal values keep the earlier, lower index
+    second = tl.where(better, tl.minimum(best, cand_second), tl.minimum(second, cand_best))
+    return tl.where(better, cand_best, best), second, tl.where(better, cand_index, index)
+
+
+@triton.jit
+def _search_kernel(x_ptr, cb_ptr, cb_sq_ptr, best_ptr, second_ptr, index_ptr, N, K, codes_per_split,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    pid_n, split = tl.program_id(0), tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    k_begin = split * codes_per_split
+    k_end = tl.minimum(k_begin + codes_per_split, K)
+    dims = tl.arange(0, BLOCK_D)
+    best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    second = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    index = tl.zeros((BLOCK_N,), tl.int32)
+    if D <= BLOCK_D:  # the row block stays in registers for the whole code range
+        x_tile = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D),
+                         other=0.0).to(tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_ok = codes < k_end
+        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            d_ok = (d0 + dims) < D
+            if D > BLOCK_D:
+                x_tile = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                                 other=0.0).to(tl.float32)
+            e_tile = tl.load(cb_ptr + codes[:, None] * D + d0 + dims[None, :], mask=code_ok[:, None] & d_ok[None, :],
+                             other=0.0).to(tl.float32)
+            acc = tl.dot(x_tile, tl.trans(e_tile), acc, input_precision=PRECISION)
+        cb_sq = tl.load(cb_sq_ptr + codes, mask=code_ok, other=float("inf"))
+        v = cb_sq[None, :] - 2.0 * acc
+        tile_best = tl.min(v, axis=1)
+        tile_index = tl.min(tl.where(v == tile_best[:, None], codes[None, :], _INT32_MAX), axis=1)
+        tile_second = tl.min(tl.where(codes[None, :] == tile_index[:, None], float("inf"), v), axis=1)
+        best, second, index = _merge(best, second, index, tile_best, tile_second, tile_index)
+    out = split * N + rows
+    tl.store(best_ptr + out, best, mask=row_ok)
+    tl.store(second_ptr + out, second, mask=row_ok)
+    tl.store(index_ptr + out, index, mask=row_ok)
+
+
+@triton.jit
+def _exact_sq_dist(x_ptr, cb_ptr, rows, row_ok, codes, code_ok, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """float32 ||x_r - e_c||^2 for each (row, code) pair of the block, (BLOCK_N, BLOCK_K)."""
+    dims = tl.arange(0, BLOCK_D)
+    dist = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for d0 in tl.static_range(0, D, BLOCK_D):
+        d_ok = (d0 + dims) < D
+        xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        ev = tl.load(cb_ptr + codes[:, None] * D + d0 + dims[None, :], mask=code_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)
+        diff = xv[:, None, :] - ev[None, :, :]
+        dist += tl.sum(diff * diff, axis=2)
+    return dist
+
+
+@triton.jit
+def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr, dist_out_ptr, quantized_ptr,
+                   loss_part_ptr, cb_sq_max_ptr, N, K, splits, rounding,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   WRITE_QUANTIZED: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    best = tl.load(best_ptr + rows, mask=row_ok, other=0.0)
+    second = tl.load(second_ptr + rows, mask=row_ok, other=float("inf"))
+    index = tl.load(index_ptr + rows, mask=row_ok, other=0)
+    for s in range(1, splits):  # splits cover increasing code ranges: ties stay with the earlier
+        best, second, index = _merge(best, second, index, tl.load(best_ptr + s * N + rows, mask=row_ok, other=0.0),
+                                     tl.load(second_ptr + s * N + rows, mask=row_ok, other=float("inf")),
+                                     tl.load(index_ptr + s * N + rows, mask=row_ok, other=0))
+    dims = tl.arange(0, BLOCK_D)
+    x_sq = tl.zeros((BLOCK_N,), tl.float32)
+    for d0 in tl.static_range(0, D, BLOCK_D):
+        xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :],
+                     mask=row_ok[:, None] & ((d0 + dims) < D)[None, :], other=0.0).to(tl.float32)
+        x_sq += tl.sum(xv * xv, axis=1)
+    max_sq_norm = tl.load(cb_sq_max_ptr)
+    bound = rounding * (max_sq_norm + 2.0 * tl.sqrt(x_sq) * tl.sqrt(max_sq_norm))
+    ambiguous = row_ok & ((second - best) <= 2.0 * bound)
+    # Exact float32 rescan of the whole block when any of its rows is ambiguous.
+    scan_end = tl.where(tl.max(ambiguous.to(tl.int32), axis=0) > 0, K, 0)
+    exact_best = tl.full((BLOCK_N,), float("inf"), tl.float32)
+    exact_index = tl.zeros((BLOCK_N,), tl.int32)
+    for k0 in range(0, scan_end, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_ok = codes < K
+        dist = tl.where(code_ok[None, :], _exact_sq_dist(x_ptr, cb_ptr, rows, row_ok, codes, code_ok, D, BLOCK_N, BLOCK_K, BLOCK_D),
+                        float("inf"))
+        tile_best = tl.min(dist, axis=1)
+        tile_index = tl.min(tl.where(dist == tile_best[:, None], codes[None, :], _INT32_MAX), axis=1)
+        better = tile_best < exact_best
+        exact_best = tl.where(better, tile_best, exact_best)
+        exact_index = tl.where(better, tile_index, exact_index)
+    index = tl.where(ambiguous, exact_index, index)
+    # Gather the winner: its exact squared distance, and the quantized row (a bit copy).
+    dist = tl.zeros((BLOCK_N,), tl.float32)
+    for d0 in tl.static_range(0, D, BLOCK_D):
+        mask = row_ok[:, None] & ((d0 + dims) < D)[None, :]
+        xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        code = tl.load(cb_ptr + index[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0)
+        diff = xv - code.to(tl.float32)
+        dist += tl.sum(diff * diff, axis=1)
+        if WRITE_QUANTIZED:
+            tl.store(quantized_ptr + rows[:, None] * D + d0 + dims[None, :], code, mask=mask)
+    tl.store(index_out_ptr + rows, index.to(tl.int64), mask=row_ok)
+    tl.store(dist_out_ptr + rows, dist.to(dist_out_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(loss_part_ptr + pid, tl.sum(tl.where(row_ok, dist, 0.0), axis=0))
+
+
+def _config(x):
+    """(BLOCK_N, BLOCK_K, BLOCK_D for the dot, BLOCK_D for the exact rescan, programs to aim for)."""
+    d = triton.next_power_of_2(max(x.shape[1], 16))
+    if x.is_cuda:
+        return 64, 64, min(d, 64), min(d, 32), 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    # Interpreter: every program instance costs ~0.5 ms, so few large programs.
+    return 64, 128, min(d, 256), min(d, 64), 4
+
+
+def _search(x, codebook, write_quantized):
+    """Shared launcher: (indices, sq_dist in x's dtype, quantized or None, per-block loss sums)."""
+    x, codebook = x.contiguous(), codebook.contiguous()
+    n, d = x.shape
+    k = codebook.shape[0]
+    block_n, block_k, block_d, scan_block_d, target_programs = _config(x)
+    cb32 = codebook.float()
+    cb_sq = (cb32 * cb32).sum(dim=1)
+    cb_sq_max = cb_sq.max().reshape(1)  # read by the kernel: no host sync
+    row_blocks = triton.cdiv(n, block_n)
+    # Split the codes when there are too few row blocks to occupy the device.
+    splits = max(1, min(triton.cdiv(k, block_k), target_programs // max(row_blocks, 1)))
+    codes_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, codes_per_split)
+    best = torch.empty(splits, n, device=x.device, dtype=torch.float32)
+    second, index = torch.empty_like(best), torch.empty(splits, n, device=x.device, dtype=torch.int32)
+    precision = "tf32x3" if x.is_cuda else "ieee"
+    rounding = (d + 4 + (_TF32X3_EXTRA_ROUNDINGS if x.is_cuda else 0)) * _UNIT_ROUNDOFF
+    indices = torch.empty(n, device=x.device, dtype=torch.int64)
+    sq_dist = torch.empty(n, device=x.device, dtype=x.dtype)
+    quantized = torch.empty_like(x) if write_quantized else sq_dist  # unused pointer when not written
+    loss_parts = torch.empty(max(row_blocks, 1), device=x.device, dtype=torch.float32)
+    if n == 0:
+        return indices, sq_dist, (quantized if write_quantized else None), loss_parts.zero_()
+    _search_kernel[(row_blocks, splits)](x, codebook, cb_sq, best, second, index, n, k, codes_per_split,
+                                         D=d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision)
+    scan_block_k = 16 if x.is_cuda else block_k
+    _finish_kernel[(row_blocks,)](x, codebook, best, second, index, indices, sq_dist, quantized, loss_parts, cb_sq_max,
+                                  n, k, splits, rounding, D=d, BLOCK_N=block_n,
+                                  BLOCK_K=scan_block_k, BLOCK_D=scan_block_d, WRITE_QUANTIZED=write_quantized)
+    return indices, sq_dist, (quantized if write_quantized else None), loss_parts
+
+
+def nearest_code(x, codebook):
+    indices, sq_dist, _, _ = _search(x, codebook, write_quantized=False)
+    return indices, sq_dist
+
+
+def vector_quantize(x, codebook, beta):
+    indices, _, quantized, loss_parts = _search(x, codebook, write_quantized=True)
+    loss = (1.0 + beta) * loss_parts.sum() / max(x.numel(), 1)
+    return quantized, indices, loss.to(x.dtype)
+
+
+@triton.jit
+def _grad_x_kernel(grad_q_ptr, x_ptr, cb_ptr, index_ptr, grad_x_ptr, grad_loss_ptr, N, commit_per_grad,
+                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_x = grad_quantized + beta * scale * (x - e[index]), scale = 2 grad_loss / (N D)."""
+    commit = commit_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (dims < D)[None, :]
+    index = tl.load(index_ptr + rows, mask=rows < N, other=0)
+    offs = rows[:, None] * D + dims[None, :]
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    ev = tl.load(cb_ptr + index[:, None] * D + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    gq = tl.load(grad_q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_x_ptr + offs, (gq + commit * (xv - ev)).to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_codebook_atomic_kernel(x_ptr, cb_ptr, index_ptr, grad_cb_ptr, grad_loss_ptr, N, scale_per_grad,
+                                 D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_cb[index[r]] += -scale * (x_r - e[index[r]]) with atomics (order varies per run)."""
+    neg_scale = -scale_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (dims < D)[None, :]
+    index = tl.load(index_ptr + rows, mask=rows < N, other=0)
+    xv = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    code = index[:, None] * D + dims[None, :]
+    ev = tl.load(cb_ptr + code, mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_add(grad_cb_ptr + code, neg_scale * (xv - ev), mask=mask)
+
+
+@triton.jit
+def _grad_codebook_sorted_kernel(x_ptr, cb_ptr, order_ptr, offset_ptr, grad_cb_ptr, grad_loss_ptr, scale_per_grad,
+                                 D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per code: sums its rows (order[offset[c]:offset[c+1]]) in a fixed order."""
+    neg_scale = -scale_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
+    code = tl.program_id(0)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    start, end = tl.load(offset_ptr + code), tl.load(offset_ptr + code + 1)
+    ev = tl.load(cb_ptr + code * D + dims, mask=d_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for p in range(start, end, BLOCK_R):
+        pos = p + tl.arange(0, BLOCK_R)
+        row = tl.load(order_ptr + pos, mask=pos < end, other=0)
+        mask = (pos < end)[:, None] & d_ok[None, :]
+        xv = tl.load(x_ptr + row[:, None] * D + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(mask, xv - ev[None, :], 0.0)
+    tl.store(grad_cb_ptr + code * D + dims, neg_scale * tl.sum(acc, axis=0), mask=d_ok)
+
+
+def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, beta):
+    x, codebook, indices = x.contiguous(), codebook.contiguous(), indices.contiguous()
+    grad_quantized = grad_quantized.contiguous()
+    n, d = x.shape
+    k = codebook.shape[0]
+    scale_per_grad = 2.0 / max(x.numel(), 1)  # times grad_loss, read by the kernels (no host sync)
+    block_n = 64
+    block_d = min(triton.next_power_of_2(max(d, 1)), 128 if x.is_cuda else 256)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
+    grad_x = torch.empty_like(x)
+    grad_cb = torch.zeros(k, d, device=x.device, dtype=torch.float32)
+    if n == 0:
+        return grad_x, grad_cb.to(codebook.dtype)
+    _grad_x_kernel[grid](grad_quantized, x, codebook, indices, grad_x, grad_loss, n, beta * scale_per_grad, D=d, BLOCK_N=block_n,
+                         BLOCK_D=block_d)
+    if torch.are_deterministic_algorithms_enabled():
+        # Sorted segment sums: a stable sort groups each code's rows in row order.
+        order = torch.sort(indices, stable=True).indices
+        offset = torch.zeros(k + 1, device=x.device, dtype=torch.int64)
+        torch.cumsum(torch.bincount(indices, minlength=k), 0, out=offset[1:])
+        _grad_codebook_sorted_kernel[(k, triton.cdiv(d, block_d))](x, codebook, order, offset, grad_cb, grad_loss,
+                                                                    scale_per_grad, D=d,
+                                                                    BLOCK_R=block_n, BLOCK_D=block_d)
+    else:
+        _grad_codebook_atomic_kernel[grid](x, codebook, indices, grad_cb, grad_loss, n, scale_per_grad, D=d, BLOCK_N=block_n,
+                                           BLOCK_D=block_d)
+    return grad_x, grad_cb.to(codebook.dtype)
