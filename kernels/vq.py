@@ -24,7 +24,7 @@ _UNIT_ROUNDOFF = 2.0**-24
 # tf32x3 keeps about 21 bits per product (the dropped lo*lo term and the lo parts'
 # own rounding); counted as 32 extra float32 roundings per dot, a 4x margin.
 _TF32X3_EXTRA_ROUNDINGS = 32
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = tl.constexpr(2**31 - 1)  # kernels read only constexpr globals
 
 
 @triton.jit
