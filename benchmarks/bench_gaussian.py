@@ -6,7 +6,8 @@ and torch.compile, forward and forward+backward.
 import torch
 
 import fastvae
-from harness import Case, compiled, fastvae_candidates, forward_backward, parser, run_case, save
+import harness
+from harness import Case, compiled, fastvae_candidates, forward_backward
 
 CPU_SHAPES = [(256, 128), (4096, 512), (65536, 256)]
 GPU_SHAPES = [(65536, 256), (1048576, 256)]
@@ -49,22 +50,11 @@ def cases(args):
                         ("forward+backward", (2 + writes) * size + (writes + 4) * size, (op, op + "_backward"),
                          lambda f: forward_backward(f, mu, logvar))):
                     candidates = fastvae_candidates(wrap(ours), args.device, impl_ops)
-                    # The torch backend is the spec (Philox in int64 tensor ops), not a
-                    # contender: about 20 s a call at (65536, 256).
-                    candidates.pop("fastvae[torch]", None)
                     candidates["torch eager"] = wrap(eager)
                     if comp is not None:
                         candidates["torch.compile"] = wrap(comp)
                     yield Case(op, shape, candidates, bytes_moved=moved, device=args.device, dtype=dtype, mode=mode)
 
 
-def main():
-    args = parser(__doc__).parse_args()
-    records = []
-    for case in cases(args):
-        records += run_case(case, args)
-    save("gaussian", records, args.device, args.out)
-
-
 if __name__ == "__main__":
-    main()
+    harness.main("gaussian", cases, __doc__)

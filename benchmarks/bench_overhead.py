@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fastvae
-from harness import Case, fastvae_candidates, parser, run_case, save
+import harness
+from harness import Case, fastvae_candidates
 
 
 def eager_kl(mu, logvar):
@@ -29,18 +30,15 @@ def calls(shape, device, grad):
     }
 
 
-def main():
-    args = parser(__doc__).parse_args()
-    records = []
+def cases(args):
     for shape in [(1, 1), (256, 128)]:
         for grad in (False, True):
             for op, (ours, eager) in calls(shape, args.device, grad).items():
                 candidates = fastvae_candidates(ours, args.device, (op,))
                 candidates["torch eager"] = eager
-                records += run_case(Case(op, shape, candidates, device=args.device,
-                                         mode="forward, inputs requiring grad" if grad else "forward"), args)
-    save("overhead", records, args.device, args.out)
+                yield Case(op, shape, candidates, device=args.device,
+                           mode="forward, inputs requiring grad" if grad else "forward")
 
 
 if __name__ == "__main__":
-    main()
+    harness.main("overhead", cases, __doc__)

@@ -13,7 +13,8 @@ is measured per candidate (O(N) for fastvae; the alternatives hold the (N, K) ma
 import torch
 
 import fastvae
-from harness import Case, compiled, fastvae_candidates, parser, run_case, save
+import harness
+from harness import Case, compiled, fastvae_candidates
 
 SHAPES = [(16384, 1024, 256), (65536, 8192, 256), (65536, 16384, 8), (131072, 512, 64)]
 
@@ -81,7 +82,6 @@ def cases(args):
         flops = 2 * n * k * d
 
         candidates = fastvae_candidates(lambda: fastvae.nearest_code(x, codebook), args.device, ["nearest_code"])
-        candidates.pop("fastvae[torch]", None)  # the reference: the eager expansion again, row-blocked
         candidates["torch.cdist+argmin"] = lambda: cdist_nearest(x, codebook)
         candidates["matmul expansion eager"] = lambda: eager_nearest(x, codebook)
         comp = compiled(eager_nearest, args)
@@ -96,7 +96,6 @@ def cases(args):
 
         candidates = fastvae_candidates(lambda: fastvae.vector_quantize(x, codebook), args.device,
                                         ["vector_quantize"])
-        candidates.pop("fastvae[torch]", None)
         candidates["eager VQ layer"] = lambda: eager_vector_quantize(x, codebook)
         run_vqp, note = vqp_candidate(x, codebook)
         if run_vqp is not None:
@@ -106,13 +105,5 @@ def cases(args):
         yield Case("vector_quantize", (n, k, d), candidates, flops=flops, device=args.device, memory=True)
 
 
-def main():
-    args = parser(__doc__).parse_args()
-    records, path = [], None
-    for case in cases(args):
-        records += run_case(case, args)
-        path = save("vq", records, args.device, args.out or path)  # after every case: a crash keeps the rest
-
-
 if __name__ == "__main__":
-    main()
+    harness.main("vq", cases, __doc__)

@@ -118,10 +118,11 @@ class Case:
     """One benchmark case: candidates doing the same work on the same inputs."""
 
     def __init__(self, op, shape, candidates, bytes_moved=0, flops=0, device="cpu", dtype=torch.float32,
-                 mode="forward", memory=False):
+                 mode="forward", memory=False, max_samples=None):
         self.op, self.shape, self.candidates = op, shape, candidates
         self.bytes_moved, self.flops, self.device, self.dtype = bytes_moved, flops, device, dtype
         self.mode, self.memory = mode, memory
+        self.max_samples = max_samples  # for cases whose slowest candidate takes seconds a call
 
 
 def _floor_seconds(case):
@@ -134,7 +135,8 @@ def _floor_seconds(case):
 
 
 def run_case(case, args):
-    times = time_interleaved(case.candidates, case.device, samples=args.samples)
+    samples = min(args.samples, case.max_samples or args.samples)
+    times = time_interleaved(case.candidates, case.device, samples=samples)
     floor = _floor_seconds(case)
     ours = {n: t for n, t in times.items() if n.startswith("fastvae")}
     best_ours = min(ours.values()) if ours else None
@@ -215,12 +217,21 @@ def forward_backward(fn, *inputs):
 
 
 def compiled(fn, args):
-    """``torch.compile(fn)`` unless ``--no-compile``; None then."""
-    return None if args.no_compile else torch.compile(fn)
+    """``torch.compile(fn)`` unless ``--no-compile`` (None then).
+
+    Dynamo's caches are reset first: one function compiled for many shapes would hit the
+    recompile limit, past which "torch.compile" silently runs eager.
+    """
+    if args.no_compile:
+        return None
+    torch._dynamo.reset()
+    return torch.compile(fn)
 
 
 def fastvae_candidates(call, device, ops):
-    """``{"fastvae[<backend>]": call}`` for each backend running all of ``ops`` on ``device``.
+    """``{"fastvae[<backend>]": call}`` for each kernel backend running all of ``ops`` on
+    ``device``. The ``torch`` backend is the spec, not a contender (its Philox runs as int64
+    tensor ops), and is left out.
 
     The backend is switched with the global ``set_backend`` (an assignment) and restored
     after the call, which costs nothing measurable even at tiny shapes.
@@ -230,7 +241,7 @@ def fastvae_candidates(call, device, ops):
 
     out = {}
     for name in fastvae.available_backends():
-        if name == "auto" or torch.device(device).type not in _backend._BACKENDS[name].devices():
+        if name in ("auto", "torch") or torch.device(device).type not in _backend._BACKENDS[name].devices():
             continue
         if not set(ops) <= set(_backend.implementations(name)):
             continue
@@ -244,3 +255,13 @@ def fastvae_candidates(call, device, ops):
 
         out[f"fastvae[{name}]"] = run
     return out
+
+
+def main(name, cases, description):
+    """Parse the common flags, run every case of ``cases(args)`` and save the records
+    after each case (a crash or kill keeps what was measured)."""
+    args = parser(description).parse_args()
+    records, path = [], None
+    for case in cases(args):
+        records += run_case(case, args)
+        path = save(name, records, args.device, args.out or path)
