@@ -8,5 +8,7 @@ import triton  # noqa: F401  (a missing triton makes this backend unavailable)
 
 # ---- Gaussian column (kernels/gaussian.py)
 # ---- Gumbel column (kernels/gumbel.py)
-from .gumbel import categorical_kl, categorical_kl_backward, gumbel_softmax, gumbel_softmax_backward  # noqa: E402,F401
+from .gumbel import (  # noqa: E402,F401
+    categorical_kl, categorical_kl_backward, gumbel_softmax, gumbel_softmax_backward,
+    gumbel_softmax_backward_from_sample)
 # ---- VQ column (kernels/vq.py)
