@@ -3,9 +3,10 @@ torch.compile, forward and forward+backward.
 
     python benchmarks/bench_gumbel.py [--device cuda] [--quick]
 
-Floor: forward reads the logits and writes the sample (2 tensors); backward reads the
-logits and the output gradient and writes the logits' gradient (3 more): the noise is
-regenerated from the seed, never stored.
+Floor: forward reads the logits and writes the sample (2 tensors); backward reads one
+saved tensor and the output gradient and writes the logits' gradient (3 more). The saved
+tensor is the soft sample itself for hard=False (a softmax backward), the logits for
+hard=True (the noise is regenerated from the seed, never stored).
 """
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,10 @@ def cases(args):
 
                 comp = compiled(eager, args)
                 op = "gumbel_softmax_hard" if hard else "gumbel_softmax"
+                backward_op = "gumbel_softmax_backward" if hard else "gumbel_softmax_backward_from_sample"
                 for mode, moved, impl_ops, wrap in (
                         ("forward", 2 * size, ("gumbel_softmax",), lambda f: (lambda: f(logits))),
-                        ("forward+backward", 5 * size, ("gumbel_softmax", "gumbel_softmax_backward"),
+                        ("forward+backward", 5 * size, ("gumbel_softmax", backward_op),
                          lambda f: forward_backward(f, logits))):
                     candidates = fastvae_candidates(wrap(ours), args.device, impl_ops)
                     candidates["torch eager"] = wrap(eager)

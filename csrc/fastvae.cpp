@@ -34,6 +34,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- Gumbel column
   m.def("gumbel_softmax", &fastvae::gumbel_softmax);
   m.def("gumbel_softmax_backward", &fastvae::gumbel_softmax_backward);
+  m.def("gumbel_softmax_backward_from_sample", &fastvae::gumbel_softmax_backward_from_sample);
   m.def("categorical_kl", &fastvae::categorical_kl);
   m.def("categorical_kl_backward", &fastvae::categorical_kl_backward);
   // ---- VQ column

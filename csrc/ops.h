@@ -24,6 +24,8 @@ std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, con
 at::Tensor gumbel_softmax(const at::Tensor& logits, const at::Tensor& seed, double tau, bool hard, int64_t dim);
 at::Tensor gumbel_softmax_backward(const at::Tensor& grad_y, const at::Tensor& logits, const at::Tensor& seed,
                                    double tau, int64_t dim);
+at::Tensor gumbel_softmax_backward_from_sample(const at::Tensor& grad_y, const at::Tensor& y, double tau,
+                                               int64_t dim);
 at::Tensor categorical_kl(const at::Tensor& logits, const c10::optional<at::Tensor>& prior_logits, int64_t dim,
                           const std::string& reduction);
 std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at::Tensor& logits,

@@ -23,7 +23,8 @@ import torch
 OPS = (
     "reparameterize", "reparameterize_backward", "gaussian_kl", "gaussian_kl_backward",
     "reparameterize_kl", "reparameterize_kl_backward",
-    "gumbel_softmax", "gumbel_softmax_backward", "categorical_kl", "categorical_kl_backward",
+    "gumbel_softmax", "gumbel_softmax_backward", "gumbel_softmax_backward_from_sample",
+    "categorical_kl", "categorical_kl_backward",
     "nearest_code", "vector_quantize", "vector_quantize_backward",
 )
 KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})

@@ -206,6 +206,17 @@ def gumbel_softmax_backward(grad_y, logits, seed, tau, dim):
     return restore(grad.to(logits.dtype))
 
 
+def gumbel_softmax_backward_from_sample(grad_y, y, tau, dim):
+    """Gradient of the soft sample from the sample ``y`` itself (a softmax backward: no
+    noise, no exp). An all -inf row has y = 0, so its gradient is 0."""
+    y2d, restore = _rows(y, dim)
+    g2d, _ = _rows(grad_y, dim)
+    ct = compute_dtype(y)
+    y2d, g = y2d.to(ct), g2d.to(ct)
+    grad = y2d * (g - (g * y2d).sum(dim=-1, keepdim=True)) / tau
+    return restore(grad.to(y.dtype))
+
+
 def _categorical_terms(logits2d, prior2d):
     ct = compute_dtype(logits2d)
     log_p = torch.log_softmax(logits2d.to(ct), dim=-1)

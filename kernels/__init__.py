@@ -10,6 +10,8 @@ import triton  # noqa: F401  (a missing triton makes this backend unavailable)
 from .gaussian import (gaussian_kl, gaussian_kl_backward, reparameterize, reparameterize_backward,  # noqa: F401
                        reparameterize_kl, reparameterize_kl_backward)
 # ---- Gumbel column (kernels/gumbel.py)
-from .gumbel import categorical_kl, categorical_kl_backward, gumbel_softmax, gumbel_softmax_backward  # noqa: E402,F401
+from .gumbel import (  # noqa: E402,F401
+    categorical_kl, categorical_kl_backward, gumbel_softmax, gumbel_softmax_backward,
+    gumbel_softmax_backward_from_sample)
 # ---- VQ column (kernels/vq.py)
 from .vq import nearest_code, vector_quantize, vector_quantize_backward  # noqa: E402,F401

@@ -1,4 +1,5 @@
-"""Gumbel column, Triton: gumbel_softmax (soft and hard), its backward, categorical_kl.
+"""Gumbel column, Triton: gumbel_softmax (soft and hard), its backward (from the seed, or
+from the soft sample), categorical_kl.
 
 Every tensor is addressed as ``(outer, K, inner)`` around ``dim`` through its strides, so
 ``dim=1`` of a ``(B, K, H, W)`` tensor (or a non-contiguous view) needs no transposed
@@ -8,6 +9,9 @@ r % inner)``. A program takes ``BLOCK_R`` rows and walks the columns in tiles of
 quad ``c // 4`` of the row, lane ``c % 4``, as ``fastvae.reference``) and never stored.
 A row that fits one tile is done in one read; wider rows use an online softmax (running
 max and sum) and a second sweep that regenerates the noise rather than storing it.
+Backward from the sample (the soft sample y is the saved output) is a softmax backward
+over y and the output gradient, no noise and no exp: one read when the row fits a tile,
+else a sweep for sum(grad * y) and a second one writing y * (grad - sum) / tau.
 """
 import math
 
@@ -18,7 +22,7 @@ import triton.language as tl
 from ._rng import gumbel4
 
 # Globals a kernel reads must be constexpr (compiled Triton refuses plain Python globals).
-_SOFT, _HARD, _BACKWARD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_SOFT, _HARD, _BACKWARD, _FROM_SAMPLE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 # Running-max start: finite, so exp(m - m_new) never meets inf - inf.
 _MIN_FLOAT = tl.constexpr(-3.4028234663852886e38)
 _TILE_ELEMENTS = 8192  # elements of one (rows x columns) tile per program
@@ -53,16 +57,49 @@ def _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
 
 
 @triton.jit
+def _grad_tile(grad_ptr, g_rows, g_cs, cols, mask):
+    """The output gradient of a tile as float32, 0 outside."""
+    g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :].to(tl.int64) * g_cs, mask=mask, other=0.0)
+    return g.to(tl.float32)
+
+
+@triton.jit
+def _sample_tile(y_ptr, y_rows, y_cs, row_mask, col0, K, BLOCK_C: tl.constexpr):
+    """(y, columns, mask) of the tile of columns col0 .. col0 + BLOCK_C of the soft sample, 0 outside."""
+    cols = col0 + tl.arange(0, BLOCK_C)
+    mask = row_mask[:, None] & (cols[None, :] < K)
+    y = tl.load(y_ptr + y_rows[:, None] + cols[None, :].to(tl.int64) * y_cs, mask=mask, other=0.0)
+    return y.to(tl.float32), cols, mask
+
+
+@triton.jit
 def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os, x_os, x_is, x_cs, g_os, g_is, g_cs,
                    inv_tau,
                    MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, SINGLE_TILE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
-    seed = tl.load(seed_ptr)
+    # x is the soft sample y in _FROM_SAMPLE mode, which has no noise and so no seed to read.
+    seed = 0 if MODE == _FROM_SAMPLE else tl.load(seed_ptr)
     x_rows = _row_starts(rows, inner, x_os, x_is)
     g_rows = _row_starts(rows, inner, g_os, g_is)
     out_rows = _row_starts(rows, inner, out_os, 1)  # the output is contiguous: column stride `inner`
-    if SINGLE_TILE:
+    if MODE == _FROM_SAMPLE:
+        if SINGLE_TILE:
+            y, cols, mask = _sample_tile(x_ptr, x_rows, x_cs, row_mask, 0, K, 4 * BLOCK_Q)
+            g = _grad_tile(grad_ptr, g_rows, g_cs, cols, mask)
+            tl.store(out_ptr + out_rows[:, None] + cols[None, :].to(tl.int64) * inner,
+                     (y * (g - tl.sum(g * y, axis=1)[:, None]) * inv_tau).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            dot = tl.zeros((BLOCK_R,), tl.float32)  # sum(grad * y) of each row
+            for col0 in range(0, K, 4 * BLOCK_Q):
+                y, cols, mask = _sample_tile(x_ptr, x_rows, x_cs, row_mask, col0, K, 4 * BLOCK_Q)
+                dot += tl.sum(_grad_tile(grad_ptr, g_rows, g_cs, cols, mask) * y, axis=1)
+            for col0 in range(0, K, 4 * BLOCK_Q):
+                y, cols, mask = _sample_tile(x_ptr, x_rows, x_cs, row_mask, col0, K, 4 * BLOCK_Q)
+                g = _grad_tile(grad_ptr, g_rows, g_cs, cols, mask)
+                tl.store(out_ptr + out_rows[:, None] + cols[None, :].to(tl.int64) * inner,
+                         (y * (g - dot[:, None]) * inv_tau).to(out_ptr.dtype.element_ty), mask=mask)
+    elif SINGLE_TILE:
         z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, 0, K, inv_tau, BLOCK_R, BLOCK_Q)
         if MODE == _HARD:
             hit = cols[None, :] == tl.argmax(z, axis=1, tie_break_left=True)[:, None]
@@ -73,8 +110,7 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
             s = tl.sum(e, axis=1)
             y = e * _inverse_or_zero(s)[:, None]  # an all -inf row gives zeros
             if MODE == _BACKWARD:
-                g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :].to(tl.int64) * g_cs, mask=mask, other=0.0)
-                g = g.to(tl.float32)
+                g = _grad_tile(grad_ptr, g_rows, g_cs, cols, mask)
                 y = y * (g - tl.sum(g * y, axis=1)[:, None]) * inv_tau
         tl.store(out_ptr + out_rows[:, None] + cols[None, :].to(tl.int64) * inner,
                  y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -106,8 +142,7 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
             e = tl.exp(z - m_new[:, None])
             s = s * rescale + tl.sum(e, axis=1)
             if MODE == _BACKWARD:
-                g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :].to(tl.int64) * g_cs, mask=mask, other=0.0)
-                t = t * rescale + tl.sum(g.to(tl.float32) * e, axis=1)
+                t = t * rescale + tl.sum(_grad_tile(grad_ptr, g_rows, g_cs, cols, mask) * e, axis=1)
             m = m_new
         inv_s = _inverse_or_zero(s)
         dot = t * inv_s
@@ -116,8 +151,7 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
                                             BLOCK_R, BLOCK_Q)
             y = tl.exp(z - m[:, None]) * inv_s[:, None]
             if MODE == _BACKWARD:
-                g = tl.load(grad_ptr + g_rows[:, None] + cols[None, :].to(tl.int64) * g_cs, mask=mask, other=0.0)
-                y = y * (g.to(tl.float32) - dot[:, None]) * inv_tau
+                y = y * (_grad_tile(grad_ptr, g_rows, g_cs, cols, mask) - dot[:, None]) * inv_tau
             tl.store(out_ptr + out_rows[:, None] + cols[None, :].to(tl.int64) * inner,
                      y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -230,13 +264,15 @@ def _blocks(rows, K, inner):
     return block_r, max(1, min(quads, _TILE_ELEMENTS // (4 * block_r)))
 
 
-def _gumbel(mode, logits, grad_y, seed, tau, dim):
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    K = logits.shape[dim]
+def _gumbel(mode, x, grad_y, seed, tau, dim):
+    """Launch ``_gumbel_kernel`` on ``x``: the logits, or the soft sample for ``_FROM_SAMPLE``
+    (which has no noise: ``seed`` is None then)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    K = x.shape[dim]
     if out.numel() == 0:
         return out
-    rows, inner = logits.numel() // K, out.stride(dim)
-    x, x_os, x_is, x_cs = _layout(logits, dim)
+    rows, inner = x.numel() // K, out.stride(dim)
+    x, x_os, x_is, x_cs = _layout(x, dim)
     g, g_os, g_is, g_cs = _layout(grad_y, dim) if grad_y is not None else (x, 0, 0, 0)
     block_r, block_q = _blocks(rows, K, inner)
     _gumbel_kernel[(triton.cdiv(rows, block_r),)](
@@ -251,6 +287,10 @@ def gumbel_softmax(logits, seed, tau, hard, dim):
 
 def gumbel_softmax_backward(grad_y, logits, seed, tau, dim):
     return _gumbel(_BACKWARD.value, logits, grad_y, seed, tau, dim)
+
+
+def gumbel_softmax_backward_from_sample(grad_y, y, tau, dim):
+    return _gumbel(_FROM_SAMPLE.value, y, grad_y, None, tau, dim)
 
 
 def _categorical_kl_rows(logits, prior_logits, dim, row_grad=None):

@@ -13,11 +13,15 @@ from fastvae.ops._common import REDUCTIONS, draw_seed
 
 from helpers import DTYPES, as64, assert_close, non_contiguous, randn, requires
 
-GUMBEL_OPS = ("gumbel_softmax", "gumbel_softmax_backward")
+GUMBEL_OPS = ("gumbel_softmax", "gumbel_softmax_backward", "gumbel_softmax_backward_from_sample")
 KL_OPS = ("categorical_kl", "categorical_kl_backward")
 # (shape, dim): odd K, K = 1, wide rows, and dim first / middle / last
 CASES = [((4, 1), -1), ((5, 3), -1), ((3, 7), 1), ((4, 33), -1), ((2, 1000), -1), ((2, 5, 3, 4), 1),
          ((6, 2, 3), 0), ((3, 70, 2), 1)]
+# (shape, dim) of the backward from the sample: dims 0, 1 and last of (B, K, H, W), K = 1,
+# rows of the row-at-a-time layout (K >= 32) and wider than a Triton tile (K = 9000)
+FROM_SAMPLE_CASES = [((2, 5, 3, 4), 0), ((2, 5, 3, 4), 1), ((2, 5, 3, 4), -1), ((4, 1), -1), ((5, 3), -1),
+                     ((4, 33), -1), ((3, 70, 2), 1), ((2, 9000), -1), ((2, 9000, 3), 1)]
 NEG_INF = float("-inf")
 
 
@@ -103,6 +107,59 @@ def test_backends_agree_for_one_seed():
             assert torch.equal(outs[0], outs[1])
         else:
             torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=2e-6)
+
+
+# ---------------------------------------------------------------- soft backward from the sample
+def _soft_sample(shape, dim, dtype):
+    """A soft sample along ``dim`` whose first row is all 0 (what an all -inf row gives)."""
+    rows = torch.softmax(randn(*shape, scale=2.0), dim).movedim(dim, -1).contiguous()
+    rows.view(-1, shape[dim])[0] = 0.0
+    return rows.movedim(-1, dim).contiguous().to(dtype)
+
+
+@pytest.mark.parametrize("case", FROM_SAMPLE_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_from_sample_matches_reference(backend, case, dtype):
+    requires(backend, "gumbel_softmax_backward_from_sample")
+    shape, dim = case
+    y, grad_y = _soft_sample(shape, dim, dtype), randn(*shape, dtype=dtype)
+    got = torch.ops.fastvae.gumbel_softmax_backward_from_sample(grad_y, y, 0.7, dim % len(shape))
+    assert got.shape == y.shape and got.dtype == dtype
+    assert backend == "torch" or got.is_contiguous()
+    expected = reference.gumbel_softmax_backward_from_sample(*as64(grad_y, y), 0.7, dim % len(shape))
+    assert_close(got, expected, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_backward_from_sample_strided_and_broadcast_grad(backend, dim):
+    """Non-contiguous y and grad_y, a y laid out with ``dim`` innermost in memory (a movedim
+    view), and the stride-0 grad_y that autograd passes for a ``.sum()`` loss."""
+    requires(backend, "gumbel_softmax_backward_from_sample")
+    shape, d = (3, 40, 5), dim % 3
+    y = _soft_sample(shape, dim, torch.float32)
+    ys = [non_contiguous(y), y.movedim(d, -1).contiguous().movedim(-1, d)]
+    grads = [non_contiguous(randn(*shape)), torch.ones(()).expand(shape), torch.linspace(-1, 1, 5).expand(shape)]
+    for y_view in ys:
+        for grad_y in grads:
+            got = torch.ops.fastvae.gumbel_softmax_backward_from_sample(grad_y, y_view, 0.4, d)
+            expected = reference.gumbel_softmax_backward_from_sample(*as64(grad_y, y), 0.4, d)
+            assert_close(got, expected, torch.float32)
+
+
+def test_soft_backward_holds_only_the_sample(backend):
+    """hard=False keeps the output for backward, not the logits: changing the logits after
+    forward leaves the gradient as it was, and nothing else is held."""
+    requires(backend, *GUMBEL_OPS)
+    logits = randn(6, 9, 4, requires_grad=True)
+    y = fastvae.gumbel_softmax(logits, 0.5, dim=1, generator=_generator())
+    saved, = y.grad_fn.saved_tensors
+    assert saved.data_ptr() == y.data_ptr()
+    weights = randn(6, 9, 4)
+    expected = reference.gumbel_softmax_backward(*as64(weights, logits), _seed_tensor(), 0.5, 1)
+    with torch.no_grad():
+        logits.fill_(float("nan"))
+    (y * weights).sum().backward()
+    assert_close(logits.grad, expected, torch.float32)
 
 
 # ---------------------------------------------------------------- F.gumbel_softmax's own checks

@@ -37,13 +37,15 @@ def _exercise_every_op():
         logvar = torch.randn(5, 37, dtype=dtype, requires_grad=True)
         prior = torch.randn(37, dtype=dtype, requires_grad=True)
         logits = torch.randn(6, 33, dtype=dtype, requires_grad=True)
+        wide_logits = torch.randn(2, 9000, dtype=dtype, requires_grad=True)  # rows wider than one tile
         x = torch.randn(40, 8, dtype=dtype, requires_grad=True)
         codebook = torch.randn(70, 8, dtype=dtype, requires_grad=True)
         calls = {
             "reparameterize": lambda: fastvae.reparameterize(mu, logvar),
             "gaussian_kl": lambda: fastvae.gaussian_kl(mu, logvar, prior, prior),
             "reparameterize_kl": lambda: fastvae.reparameterize_kl(mu, logvar, reduction="none"),
-            "gumbel_softmax": lambda: fastvae.gumbel_softmax(logits, 0.5, hard=True),
+            "gumbel_softmax": lambda: (fastvae.gumbel_softmax(logits, 0.5, hard=True), fastvae.gumbel_softmax(logits, 0.5),
+                                       fastvae.gumbel_softmax(wide_logits, 0.5)),
             "categorical_kl": lambda: fastvae.categorical_kl(logits, logits.detach() * 2),
             "nearest_code": lambda: fastvae.nearest_code(x, codebook),
             "vector_quantize": lambda: fastvae.vector_quantize(x, codebook),

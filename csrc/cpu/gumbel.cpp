@@ -1,5 +1,5 @@
-// Gumbel column, C++ CPU kernels: gumbel_softmax (soft and hard), its backward and the
-// categorical KL. The noise of element (row, c) is lane c % 4 of Philox quad c / 4 of
+// Gumbel column, C++ CPU kernels: gumbel_softmax (soft and hard), its backward (from the
+// seed, or from the soft sample) and the categorical KL. The noise of element (row, c) is lane c % 4 of Philox quad c / 4 of
 // `row` (reference.py), made eight quads or eight rows at a time and never stored.
 //
 // Two loop shapes, chosen by layout:
@@ -11,6 +11,9 @@
 // Softmax is online: one sweep over the columns makes the noise, the running max and the
 // sum, storing exp(z - running max) and the max of each chunk; a second sweep over that
 // cached row rescales. Backward runs the same sweeps, also accumulating sum(grad * e).
+// Backward from the sample (the soft sample y is the saved output) needs no noise and no
+// exp: the same loop shapes read y and grad once into the row cache, one sweep takes
+// sum(grad * y), a second writes y * (grad - sum) / tau.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -31,7 +34,7 @@ using vec8::VecF;
 using vec8::VecI;
 using vec8::VecU;
 
-enum class Mode { kSoft, kHard, kBackward };
+enum class Mode { kSoft, kHard, kBackward, kBackwardFromSample };
 
 constexpr int kWideChunk = 4 * kLanes;  // columns per step of rows_in_lanes (8 quads)
 constexpr int kTileChunk = 16;          // columns per online-softmax step of rows_across_lanes
@@ -174,6 +177,23 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
   for (int64_t c = 0; c < K; ++c) out_row[c] = static_cast<scalar_t>(buf[c]);
 }
 
+// The softmax backward y * (grad - sum(grad * y)) * inv_tau of one row of y (`x` of the
+// problem); both rows are cached padded with zeros, which add nothing to the sum.
+template <typename scalar_t>
+void from_sample_in_lanes(const GumbelProblem& p, const scalar_t* y, const scalar_t* grad, scalar_t* out, int64_t row,
+                          float* buf, float* grad_buf) {
+  const int64_t K = p.classes, padded = (K + kLanes - 1) / kLanes * kLanes;
+  load_row(y + p.x.offset(row), 1, K, padded, 0.0f, buf);
+  load_row(grad + p.grad.offset(row), p.grad.class_stride, K, padded, 0.0f, grad_buf);
+  VecF grad_dot{};
+  for (int64_t c = 0; c < padded; c += kLanes) grad_dot += vec8::load(buf + c) * vec8::load(grad_buf + c);
+  const float dot = vec8::horizontal_sum(grad_dot);
+  for (int64_t c = 0; c < padded; c += kLanes)
+    vec8::store(buf + c, vec8::load(buf + c) * (vec8::load(grad_buf + c) - dot) * p.inv_tau);
+  scalar_t* out_row = out + p.out.offset(row);
+  for (int64_t c = 0; c < K; ++c) out_row[c] = static_cast<scalar_t>(buf[c]);
+}
+
 // ---------------------------------------------------------------- rows_across_lanes
 // Element offsets of eight rows starting at `first` (rows past the end repeat the last
 // row: they recompute and rewrite its values, which is harmless); `contiguous` when the
@@ -298,53 +318,84 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
   store_tile(tile, out_lanes, p.out.class_stride, K, out);
 }
 
+// from_sample_in_lanes for the eight rows starting at `first`, one per lane.
+template <typename scalar_t>
+void from_sample_across_lanes(const GumbelProblem& p, const scalar_t* y, const scalar_t* grad, scalar_t* out,
+                              int64_t first, float* tile, float* grad_tile) {
+  const int64_t K = p.classes;
+  const LaneOffsets y_lanes(p.x, first, p.rows), grad_lanes(p.grad, first, p.rows), out_lanes(p.out, first, p.rows);
+  load_tile(y, y_lanes, p.x.class_stride, K, K, 0.0f, tile);
+  load_tile(grad, grad_lanes, p.grad.class_stride, K, K, 0.0f, grad_tile);
+  VecF dot{};
+  for (int64_t c = 0; c < K; ++c) dot += vec8::load(tile + c * kLanes) * vec8::load(grad_tile + c * kLanes);
+  for (int64_t c = 0; c < K; ++c) {
+    float* column = tile + c * kLanes;
+    vec8::store(column, vec8::load(column) * (vec8::load(grad_tile + c * kLanes) - dot) * p.inv_tau);
+  }
+  store_tile(tile, out_lanes, p.out.class_stride, K, out);
+}
+
 // ---------------------------------------------------------------- dispatch
 template <typename scalar_t, Mode mode>
 void run_gumbel(const GumbelProblem& p, const scalar_t* x, const scalar_t* grad, scalar_t* out) {
   const int64_t K = p.classes;
+  const bool reads_grad = mode == Mode::kBackward || mode == Mode::kBackwardFromSample;
   const bool lanes_are_columns = p.x.inner == 1 && p.x.class_stride == 1 && K >= kWideChunk;
   if (lanes_are_columns) {
     const int64_t chunks = (K + kWideChunk - 1) / kWideChunk;
     at::parallel_for(0, p.rows, std::max<int64_t>(1, 32768 / K), [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(chunks * kWideChunk), grad_buf(mode == Mode::kBackward ? chunks * kWideChunk : 0);
+      std::vector<float> buf(chunks * kWideChunk), grad_buf(reads_grad ? chunks * kWideChunk : 0);
       std::vector<float> chunk_max(chunks);
-      for (int64_t row = begin; row < end; ++row)
-        rows_in_lanes<scalar_t, mode>(p, x, grad, out, row, buf.data(), grad_buf.data(), chunk_max.data());
+      for (int64_t row = begin; row < end; ++row) {
+        if constexpr (mode == Mode::kBackwardFromSample)
+          from_sample_in_lanes<scalar_t>(p, x, grad, out, row, buf.data(), grad_buf.data());
+        else
+          rows_in_lanes<scalar_t, mode>(p, x, grad, out, row, buf.data(), grad_buf.data(), chunk_max.data());
+      }
     });
     return;
   }
   const int64_t chunks = (K + kTileChunk - 1) / kTileChunk, padded = chunks * kTileChunk;
   const int64_t blocks = (p.rows + kLanes - 1) / kLanes;
   at::parallel_for(0, blocks, std::max<int64_t>(1, 4096 / K), [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(padded * kLanes), grad_tile(mode == Mode::kBackward ? padded * kLanes : 0);
+    std::vector<float> tile(padded * kLanes), grad_tile(reads_grad ? padded * kLanes : 0);
     std::vector<VecF> chunk_max(chunks);
-    for (int64_t block = begin; block < end; ++block)
-      rows_across_lanes<scalar_t, mode>(p, x, grad, out, block * kLanes, tile.data(), grad_tile.data(),
-                                        chunk_max.data());
+    for (int64_t block = begin; block < end; ++block) {
+      if constexpr (mode == Mode::kBackwardFromSample)
+        from_sample_across_lanes<scalar_t>(p, x, grad, out, block * kLanes, tile.data(), grad_tile.data());
+      else
+        rows_across_lanes<scalar_t, mode>(p, x, grad, out, block * kLanes, tile.data(), grad_tile.data(),
+                                          chunk_max.data());
+    }
   });
 }
 
-at::Tensor gumbel(const at::Tensor& logits, const at::Tensor* grad_y, const at::Tensor& seed, double tau, bool hard,
+// `x` is the logits, or the soft sample y for kBackwardFromSample (then `seed` is unused).
+at::Tensor gumbel(const at::Tensor& x_in, const at::Tensor* grad_y, uint64_t seed, double tau, Mode mode,
                   int64_t dim) {
-  check_cpu(logits, "logits");
-  auto out = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
-  if (logits.numel() == 0) return out;
-  at::Tensor x = logits, grad = grad_y ? *grad_y : at::Tensor();
-  GumbelProblem p{read_seed(seed), static_cast<float>(1.0 / tau), 0, logits.size(dim),
+  auto out = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x_in.numel() == 0) return out;
+  at::Tensor x = x_in, grad = grad_y ? *grad_y : at::Tensor();
+  GumbelProblem p{seed, static_cast<float>(1.0 / tau), 0, x_in.size(dim),
                   row_layout(x, dim), grad_y ? row_layout(grad, dim) : RowLayout{}, row_layout(out, dim)};
-  p.rows = logits.numel() / p.classes;
-  FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "gumbel_softmax", [&] {
+  p.rows = x_in.numel() / p.classes;
+  FASTVAE_DISPATCH_FLOATS(x_in.scalar_type(), "gumbel_softmax", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = grad_y ? grad.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
-    if (grad_y) {
-      run_gumbel<scalar_t, Mode::kBackward>(p, xp, grad.data_ptr<scalar_t>(), op);
-    } else if (hard) {
-      run_gumbel<scalar_t, Mode::kHard>(p, xp, nullptr, op);
-    } else {
-      run_gumbel<scalar_t, Mode::kSoft>(p, xp, nullptr, op);
+    switch (mode) {
+      case Mode::kSoft: run_gumbel<scalar_t, Mode::kSoft>(p, xp, gp, op); break;
+      case Mode::kHard: run_gumbel<scalar_t, Mode::kHard>(p, xp, gp, op); break;
+      case Mode::kBackward: run_gumbel<scalar_t, Mode::kBackward>(p, xp, gp, op); break;
+      case Mode::kBackwardFromSample: run_gumbel<scalar_t, Mode::kBackwardFromSample>(p, xp, gp, op); break;
     }
   });
   return out;
+}
+
+void check_grad_y(const at::Tensor& grad_y, const at::Tensor& like, const char* what) {
+  check_cpu(grad_y, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == like.sizes() && grad_y.scalar_type() == like.scalar_type(), what);
 }
 
 // ---------------------------------------------------------------- categorical KL
@@ -427,15 +478,22 @@ void for_each_kl_row(const KLInputs& in, const Body& body) {
 }  // namespace
 
 at::Tensor gumbel_softmax(const at::Tensor& logits, const at::Tensor& seed, double tau, bool hard, int64_t dim) {
-  return gumbel(logits, nullptr, seed, tau, hard, dim);
+  check_cpu(logits, "logits");
+  return gumbel(logits, nullptr, read_seed(seed), tau, hard ? Mode::kHard : Mode::kSoft, dim);
 }
 
 at::Tensor gumbel_softmax_backward(const at::Tensor& grad_y, const at::Tensor& logits, const at::Tensor& seed,
                                    double tau, int64_t dim) {
-  check_cpu(grad_y, "grad_y");
-  TORCH_CHECK(grad_y.sizes() == logits.sizes() && grad_y.scalar_type() == logits.scalar_type(),
-              "gumbel_softmax_backward: grad_y must have the logits' shape and dtype");
-  return gumbel(logits, &grad_y, seed, tau, false, dim);
+  check_cpu(logits, "logits");
+  check_grad_y(grad_y, logits, "gumbel_softmax_backward: grad_y must have the logits' shape and dtype");
+  return gumbel(logits, &grad_y, read_seed(seed), tau, Mode::kBackward, dim);
+}
+
+at::Tensor gumbel_softmax_backward_from_sample(const at::Tensor& grad_y, const at::Tensor& y, double tau,
+                                               int64_t dim) {
+  check_cpu(y, "y");
+  check_grad_y(grad_y, y, "gumbel_softmax_backward_from_sample: grad_y must have y's shape and dtype");
+  return gumbel(y, &grad_y, 0, tau, Mode::kBackwardFromSample, dim);
 }
 
 at::Tensor categorical_kl(const at::Tensor& logits, const c10::optional<at::Tensor>& prior_logits, int64_t dim,

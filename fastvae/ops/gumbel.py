@@ -18,6 +18,9 @@ _gumbel_softmax = define("gumbel_softmax(Tensor logits, Tensor seed, float tau, 
 _gumbel_softmax_backward = define(
     "gumbel_softmax_backward(Tensor grad_y, Tensor logits, Tensor seed, float tau, int dim) -> Tensor",
     lambda grad_y, logits, seed, tau, dim: logits.new_empty(logits.shape))
+_gumbel_softmax_backward_from_sample = define(
+    "gumbel_softmax_backward_from_sample(Tensor grad_y, Tensor y, float tau, int dim) -> Tensor",
+    lambda grad_y, y, tau, dim: y.new_empty(y.shape))
 _categorical_kl = define("categorical_kl(Tensor logits, Tensor? prior_logits, int dim, str reduction) -> Tensor",
                          _categorical_kl_fake)
 _categorical_kl_backward = define(
@@ -29,14 +32,26 @@ _categorical_kl_backward = define(
 class _GumbelSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, seed, tau, hard, dim):
-        ctx.save_for_backward(logits, seed)
-        ctx.tau, ctx.dim = tau, dim
-        return _gumbel_softmax(logits, seed, tau, hard, dim)
+        y = _gumbel_softmax(logits, seed, tau, hard, dim)
+        ctx.tau, ctx.dim, ctx.hard = tau, dim, hard
+        if hard:
+            # A one-hot output cannot give the soft sample back: keep what regenerates it.
+            ctx.save_for_backward(logits, seed)
+        else:
+            # The output is the soft sample, so backward is a plain softmax backward from it:
+            # no noise to regenerate, no exp, and nothing stored beyond the output itself.
+            ctx.save_for_backward(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        logits, seed = ctx.saved_tensors
-        return _gumbel_softmax_backward(grad_y, logits, seed, ctx.tau, ctx.dim), None, None, None, None
+        if ctx.hard:
+            logits, seed = ctx.saved_tensors
+            grad = _gumbel_softmax_backward(grad_y, logits, seed, ctx.tau, ctx.dim)
+        else:
+            y, = ctx.saved_tensors
+            grad = _gumbel_softmax_backward_from_sample(grad_y, y, ctx.tau, ctx.dim)
+        return grad, None, None, None, None
 
 
 class _CategoricalKL(torch.autograd.Function):
