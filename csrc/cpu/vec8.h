@@ -34,6 +34,11 @@ FASTVAE_VEC_INLINE VecF load(const float* p) {
   return v;
 }
 FASTVAE_VEC_INLINE void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+// p[0..15] = a0 b0 a1 b1 ... a7 b7
+FASTVAE_VEC_INLINE void store(float* p, VecF a, VecF b) {
+  store(p, __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11));
+  store(p + kLanes, __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15));
+}
 
 // mask ? a : b, per lane (mask lanes all ones or all zeros, as comparisons give).
 FASTVAE_VEC_INLINE VecF select(VecI mask, VecF a, VecF b) { return (VecF)(((VecI)a & mask) | ((VecI)b & ~mask)); }
@@ -139,11 +144,11 @@ FASTVAE_VEC_INLINE VecF exp_nonpositive(VecF x) {
   return select(in_range, p * two_to_n, VecF{});
 }
 
-// Gumbel(0, 1) noise -log(-log(u)) from raw draws, u as uint_to_uniform of philox.h.
-FASTVAE_VEC_INLINE VecF gumbel_from_bits(VecU bits) {
-  const VecF u = __builtin_convertvector((VecI)(bits >> 9), VecF) * 0x1p-23f + 0x1p-24f;
-  return -log_positive(-log_positive(u));
-}
+// uint_to_uniform of philox.h on eight draws.
+FASTVAE_VEC_INLINE VecF uniform(VecU bits) { return __builtin_convertvector((VecI)(bits >> 9), VecF) * 0x1p-23f + 0x1p-24f; }
+
+// Gumbel(0, 1) noise -log(-log(u)) from raw draws.
+FASTVAE_VEC_INLINE VecF gumbel_from_bits(VecU bits) { return -log_positive(-log_positive(uniform(bits))); }
 
 // Four vectors holding lanes 0..3 of eight Philox quads -> the 32 values in column order
 // (quad q, lane k at position 4q + k).
