@@ -18,19 +18,16 @@ struct Draw4 {
   uint32_t v[4];
 };
 
-FASTVAE_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
-  const uint64_t product = static_cast<uint64_t>(a) * b;
-  *hi = static_cast<uint32_t>(product >> 32);
-  return static_cast<uint32_t>(product);
-}
-
-FASTVAE_HD Draw4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t seed) {
+// The ten rounds of Philox-4x32 on a 32-bit word type W: uint32_t here, eight-lane
+// vectors in csrc/cpu/vec8.h. mulhilo(x, multiplier, &lo) returns the high half.
+template <typename W, typename MulHiLo>
+FASTVAE_HD void philox_rounds(W& c0, W& c1, W& c2, W& c3, uint64_t seed, MulHiLo mulhilo) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma unroll
   for (int round = 0; round < 10; ++round) {
-    uint32_t hi_a, hi_b;
-    const uint32_t lo_a = mulhilo32(0xD2511F53u, c0, &hi_a);
-    const uint32_t lo_b = mulhilo32(0xCD9E8D57u, c2, &hi_b);
+    W lo_a, lo_b;
+    const W hi_a = mulhilo(c0, 0xD2511F53u, &lo_a);
+    const W hi_b = mulhilo(c2, 0xCD9E8D57u, &lo_b);
     c0 = hi_b ^ c1 ^ k0;
     c1 = lo_b;
     c2 = hi_a ^ c3 ^ k1;
@@ -38,6 +35,18 @@ FASTVAE_HD Draw4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
+}
+
+struct ScalarMulHiLo {
+  FASTVAE_HD uint32_t operator()(uint32_t a, uint32_t b, uint32_t* lo) const {
+    const uint64_t product = static_cast<uint64_t>(a) * b;
+    *lo = static_cast<uint32_t>(product);
+    return static_cast<uint32_t>(product >> 32);
+  }
+};
+
+FASTVAE_HD Draw4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t seed) {
+  philox_rounds(c0, c1, c2, c3, seed, ScalarMulHiLo{});
   return Draw4{{c0, c1, c2, c3}};
 }
 

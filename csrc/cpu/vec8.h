@@ -7,6 +7,8 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+
+#include "../philox.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -82,18 +84,7 @@ FASTVAE_VEC_INLINE VecU mulhilo(VecU a, uint32_t b, VecU* lo) {
 // philox4x32_10 of philox.h on eight counters (c0, c1, c2, 0) at once; out[k] is lane k.
 FASTVAE_VEC_INLINE void philox(uint64_t seed, VecU c0, VecU c1, VecU c2, VecU out[4]) {
   VecU c3 = VecU{};
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int round = 0; round < 10; ++round) {
-    VecU lo_a, lo_b;
-    const VecU hi_a = mulhilo(c0, 0xD2511F53u, &lo_a);
-    const VecU hi_b = mulhilo(c2, 0xCD9E8D57u, &lo_b);
-    c0 = hi_b ^ c1 ^ k0;
-    c1 = lo_b;
-    c2 = hi_a ^ c3 ^ k1;
-    c3 = lo_a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
+  philox_rounds(c0, c1, c2, c3, seed, [](VecU a, uint32_t b, VecU* lo) { return mulhilo(a, b, lo); });
   out[0] = c0;
   out[1] = c1;
   out[2] = c2;
