@@ -184,10 +184,21 @@ def environment(device):
     if torch.device(device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     else:
-        env["cpu"] = platform.processor() or platform.machine()
+        env["cpu"] = _cpu_model()
     env["copy_bandwidth_gbs"] = copy_bandwidth(device) / 1e9
     env["matrix_rate_tflops_fp32"] = matrix_rate(device) / 1e12
     return env
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        flags = open("/proc/cpuinfo").read()
+        isa = "avx512f" if " avx512f" in flags else "avx2" if " avx2" in flags else "no avx2"
+        return f"{names[0]} ({isa}, {os.cpu_count()} cores)" if names else platform.machine()
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def save(name, records, device, out=None):
