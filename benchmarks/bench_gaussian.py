@@ -7,7 +7,7 @@ import torch
 
 import fastvae
 import harness
-from harness import Case, compiled, fastvae_candidates, forward_backward
+from harness import Case, against_torch, compiled, forward_backward
 
 CPU_SHAPES = [(256, 128), (4096, 512), (65536, 256)]
 GPU_SHAPES = [(65536, 256), (1048576, 256)]
@@ -49,10 +49,8 @@ def cases(args):
                         ("forward", (2 + writes) * size, (op,), lambda f: (lambda: f(mu, logvar))),
                         ("forward+backward", (2 + writes) * size + (writes + 4) * size, (op, op + "_backward"),
                          lambda f: forward_backward(f, mu, logvar))):
-                    candidates = fastvae_candidates(wrap(ours), args.device, impl_ops)
-                    candidates["torch eager"] = wrap(eager)
-                    if comp is not None:
-                        candidates["torch.compile"] = wrap(comp)
+                    candidates = against_torch(wrap(ours), wrap(eager), None if comp is None else wrap(comp),
+                                               args.device, impl_ops)
                     yield Case(op, shape, candidates, bytes_moved=moved, device=args.device, dtype=dtype, mode=mode)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fastvae
 import harness
-from harness import Case, compiled, fastvae_candidates, forward_backward
+from harness import Case, against_torch, compiled, forward_backward
 
 CPU_SHAPES = [(256, 64), (4096, 512), (32768, 8192)]
 GPU_SHAPES = [(256, 64), (4096, 512), (32768, 8192)]
@@ -43,10 +43,8 @@ def cases(args):
                         ("forward", 2 * size, ("gumbel_softmax",), lambda f: (lambda: f(logits))),
                         ("forward+backward", 5 * size, ("gumbel_softmax", backward_op),
                          lambda f: forward_backward(f, logits))):
-                    candidates = fastvae_candidates(wrap(ours), args.device, impl_ops)
-                    candidates["torch eager"] = wrap(eager)
-                    if comp is not None:
-                        candidates["torch.compile"] = wrap(comp)
+                    candidates = against_torch(wrap(ours), wrap(eager), None if comp is None else wrap(comp),
+                                               args.device, impl_ops)
                     large = logits.numel() >= LARGE_ELEMENTS and not on_gpu
                     yield Case(op, shape, candidates, bytes_moved=moved, device=args.device, dtype=dtype, mode=mode,
                                max_samples=LARGE_SAMPLES if large else None)

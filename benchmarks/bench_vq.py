@@ -14,7 +14,7 @@ import torch
 
 import fastvae
 import harness
-from harness import Case, compiled, fastvae_candidates
+from harness import Case, add_peer, compiled, fastvae_candidates
 
 SHAPES = [(16384, 1024, 256), (65536, 8192, 256), (65536, 16384, 8), (131072, 512, 64)]
 # Above this many FLOPs the slow alternatives take seconds a call on a CPU: 3 samples.
@@ -89,11 +89,7 @@ def cases(args):
         comp = compiled(eager_nearest, args)
         if comp is not None:
             candidates["matmul expansion compile"] = lambda: comp(x, codebook)
-        run_faiss, note = faiss_candidate(x, codebook)
-        if run_faiss is not None:
-            candidates["faiss IndexFlatL2"] = run_faiss
-        elif note:
-            print(note)
+        add_peer(candidates, "faiss IndexFlatL2", faiss_candidate(x, codebook))
         max_samples = 3 if flops > LARGE_FLOPS and not args.device.startswith("cuda") else None
         yield Case("nearest_code", (n, k, d), candidates, flops=flops, device=args.device, memory=True,
                    max_samples=max_samples)
@@ -101,11 +97,7 @@ def cases(args):
         candidates = fastvae_candidates(lambda: fastvae.vector_quantize(x, codebook), args.device,
                                         ["vector_quantize"])
         candidates["eager VQ layer"] = lambda: eager_vector_quantize(x, codebook)
-        run_vqp, note = vqp_candidate(x, codebook)
-        if run_vqp is not None:
-            candidates["vector-quantize-pytorch"] = run_vqp
-        elif note:
-            print(note)
+        add_peer(candidates, "vector-quantize-pytorch", vqp_candidate(x, codebook))
         yield Case("vector_quantize", (n, k, d), candidates, flops=flops, device=args.device, memory=True,
                    max_samples=max_samples)
 

@@ -268,6 +268,26 @@ def fastvae_candidates(call, device, ops):
     return out
 
 
+def against_torch(ours, eager, comp, device, ops):
+    """fastvae's kernel backends running ``ours``, then ``torch eager`` and, unless
+    compilation is off (``comp`` None), ``torch.compile``."""
+    candidates = fastvae_candidates(ours, device, ops)
+    candidates["torch eager"] = eager
+    if comp is not None:
+        candidates["torch.compile"] = comp
+    return candidates
+
+
+def add_peer(candidates, name, peer):
+    """Add an optional peer library's candidate; ``peer`` is ``(callable or None, note)``
+    and the note (why it is missing) is printed instead."""
+    run, note = peer
+    if run is not None:
+        candidates[name] = run
+    elif note:
+        print(note)
+
+
 def main(name, cases, description):
     """Parse the common flags, run every case of ``cases(args)`` and save the records
     after each case (a crash or kill keeps what was measured)."""

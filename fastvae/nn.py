@@ -128,8 +128,8 @@ class VectorQuantizer(nn.Module):
         channel_last = self.channel_dim in (-1, x.dim() - 1)
         if not channel_last:
             x = x.movedim(self.channel_dim, -1)
-        codebook = self.codebook.to(x.dtype)
-        if self.ema_decay is not None and self.training and codebook is self.codebook:
+        codebook = self.codebook  # the op casts it to x's dtype (a float32 codebook under autocast)
+        if self.ema_decay is not None and self.training:
             codebook = codebook.clone()  # autograd keeps it for backward; the EMA update rewrites the buffer
         quantized, indices, loss = ops.vector_quantize(x, codebook, beta=self.beta)
         if self.ema_decay is not None:

@@ -33,6 +33,14 @@ def _load(ptr, i, row, col, row_stride, col_stride, mask, FLAT: tl.constexpr):
 
 
 @triton.jit
+def _block(n, cols, BLOCK: tl.constexpr):
+    """This program's elements: flat index, in-bounds mask, (row, col) of the row view."""
+    pid = tl.program_id(0)
+    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return pid, i, i < n, i // cols, i % cols
+
+
+@triton.jit
 def _noise(seed_ptr, pid, BLOCK: tl.constexpr):
     """N(0, 1) for elements pid * BLOCK + arange(BLOCK): lane k of group g is element 4g + k."""
     groups = pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
@@ -45,10 +53,7 @@ def _forward_kernel(mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, n,
                     mu_rs, mu_cs, lv_rs, lv_cs, pm_rs, pm_cs, plv_rs, plv_cs,
                     SAMPLE: tl.constexpr, KL: tl.constexpr, REDUCE: tl.constexpr, PRIOR: tl.constexpr,
                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n
-    row, col = i // cols, i % cols
+    pid, i, mask, row, col = _block(n, cols, BLOCK)
     m = _load(mu_ptr, i, row, col, mu_rs, mu_cs, mask, FLAT)
     v = _load(lv_ptr, i, row, col, lv_rs, lv_cs, mask, FLAT)
     if SAMPLE:
@@ -84,10 +89,7 @@ def _backward_kernel(gz_ptr, gk_ptr, mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr,
                      gz_rs, gz_cs, gk_rs, gk_cs, mu_rs, mu_cs, lv_rs, lv_cs, pm_rs, pm_cs, plv_rs, plv_cs,
                      SAMPLE: tl.constexpr, KL: tl.constexpr, REDUCE: tl.constexpr, PRIOR: tl.constexpr,
                      FLAT: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = i < n
-    row, col = i // cols, i % cols
+    pid, i, mask, row, col = _block(n, cols, BLOCK)
     v = _load(lv_ptr, i, row, col, lv_rs, lv_cs, mask, FLAT)
     std = tl.exp(0.5 * v)
     g_lv = tl.zeros([BLOCK], dtype=tl.float32)
