@@ -7,7 +7,8 @@ namespace fastvae {
 
 // ---- Gaussian column: csrc/cpu/gaussian.cpp
 at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed);
-at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed);
+at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& mu, const at::Tensor& logvar,
+                                  const at::Tensor& z, const at::Tensor& seed);
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& prior_mu,
                        const c10::optional<at::Tensor>& prior_logvar, const std::string& reduction);
 std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar,
@@ -17,7 +18,7 @@ std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::T
 std::tuple<at::Tensor, at::Tensor> reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
                                                      const at::Tensor& seed, const std::string& reduction);
 std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, const at::Tensor& grad_kl,
-                                                   const at::Tensor& mu, const at::Tensor& logvar,
+                                                   const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& z,
                                                    const at::Tensor& seed, const std::string& reduction);
 
 // ---- Gumbel column: csrc/cpu/gumbel.cpp

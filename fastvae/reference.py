@@ -116,7 +116,13 @@ def reparameterize(mu, logvar, seed):
     return (mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps).to(mu.dtype).contiguous()
 
 
-def reparameterize_backward(grad_z, logvar, seed):
+def reparameterize_backward(grad_z, mu, logvar, z, seed):
+    """The logvar gradient ``grad_z * std * eps / 2`` (mu's is ``grad_z`` itself).
+
+    ``mu`` and ``z`` (the forward's sample) let a backend recover ``std * eps`` as
+    ``z - mu`` where that is exact enough instead of regenerating eps (the native CPU
+    kernel does); the spec regenerates eps from the seed.
+    """
     ct = compute_dtype(logvar)
     std = torch.exp(0.5 * logvar.to(ct))
     grad_logvar = grad_z.to(ct) * 0.5 * std * normal_stream(seed, logvar.shape, logvar.device, ct)
@@ -162,9 +168,9 @@ def reparameterize_kl(mu, logvar, seed, reduction):
     return reparameterize(mu, logvar, seed), gaussian_kl(mu, logvar, None, None, reduction)
 
 
-def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction):
+def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, z, seed, reduction):
     g_mu, g_lv = gaussian_kl_backward(grad_kl, mu, logvar, None, None, reduction)
-    g_lv_z = reparameterize_backward(grad_z, logvar, seed)
+    g_lv_z = reparameterize_backward(grad_z, mu, logvar, z, seed)
     ct = compute_dtype(mu)
     return [(grad_z.to(ct) + g_mu.to(ct)).to(mu.dtype).contiguous(), (g_lv_z.to(ct) + g_lv.to(ct)).to(mu.dtype).contiguous()]
 

@@ -213,7 +213,9 @@ def reparameterize(mu, logvar, seed):
     return _forward(mu, logvar, None, None, seed, True, None)[0]
 
 
-def reparameterize_backward(grad_z, logvar, seed):
+# z, the forward's sample, is not used: on a GPU regenerating eps in registers is cheaper
+# than reading z and mu.
+def reparameterize_backward(grad_z, mu, logvar, z, seed):
     return _backward(grad_z, None, None, logvar, None, None, seed, None)[0]
 
 
@@ -229,5 +231,5 @@ def reparameterize_kl(mu, logvar, seed, reduction):
     return _forward(mu, logvar, None, None, seed, True, reduction)
 
 
-def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction):
+def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, z, seed, reduction):
     return _backward(grad_z, grad_kl, mu, logvar, None, None, seed, reduction)

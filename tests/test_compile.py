@@ -19,11 +19,11 @@ def _op_args():
     idx = torch.randint(6, (9,))
     return {
         "reparameterize": (mu, lv, SEED),
-        "reparameterize_backward": (torch.randn(4, 6), lv, SEED),
+        "reparameterize_backward": (torch.randn(4, 6), mu, lv, torch.randn(4, 6), SEED),
         "gaussian_kl": (mu, lv, torch.randn(6), None, "batchmean"),
         "gaussian_kl_backward": (torch.randn(()), mu, lv, torch.randn(6), torch.randn(4, 1), "sum"),
         "reparameterize_kl": (mu, lv, SEED, "none"),
-        "reparameterize_kl_backward": (torch.randn(4, 6), torch.randn(()), mu, lv, SEED, "mean"),
+        "reparameterize_kl_backward": (torch.randn(4, 6), torch.randn(()), mu, lv, torch.randn(4, 6), SEED, "mean"),
         "gumbel_softmax": (logits, SEED, 0.5, True, 1),
         "gumbel_softmax_backward": (torch.randn(3, 5), logits, SEED, 0.5, 1),
         "gumbel_softmax_backward_from_sample": (torch.randn(3, 5), torch.softmax(logits, 1), 0.5, 1),

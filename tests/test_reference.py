@@ -52,7 +52,8 @@ def test_reparameterize_is_mu_plus_std_times_stream_and_its_gradient():
     torch.testing.assert_close(reference.reparameterize(mu, logvar, SEED), truth)
     grad = torch.randn_like(truth)
     _, expected_logvar_grad = torch.autograd.grad(truth, (mu, logvar), grad)
-    torch.testing.assert_close(reference.reparameterize_backward(grad, logvar.detach(), SEED), expected_logvar_grad)
+    got = reference.reparameterize_backward(grad, mu.detach(), logvar.detach(), truth.detach(), SEED)
+    torch.testing.assert_close(got, expected_logvar_grad)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -66,7 +67,7 @@ def test_reparameterize_kl_gradients(reduction):
     torch.testing.assert_close(kl_ref, kl)
     gz, gkl = torch.randn_like(z), torch.randn_like(kl)
     expected = torch.autograd.grad((z, kl), (mu, logvar), (gz, gkl))
-    got = reference.reparameterize_kl_backward(gz, gkl, mu.detach(), logvar.detach(), SEED, reduction)
+    got = reference.reparameterize_kl_backward(gz, gkl, mu.detach(), logvar.detach(), z.detach(), SEED, reduction)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
 

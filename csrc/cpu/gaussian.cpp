@@ -143,16 +143,17 @@ void kl_prior(Floats m, Floats v, Floats pm, Floats plv, FloatsOut kl, int64_t l
   }
 }
 
-void sample_grad(Floats gz, Floats v, Floats eps, FloatsOut g_lv, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) g_lv[j] = 0.5f * gz[j] * vecmath::exp(0.5f * v[j]) * eps[j];
+// Backward gradients take the block's scaled noise `noise` = std * eps (see scaled_noise).
+void sample_grad(Floats gz, Floats noise, FloatsOut g_lv, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) g_lv[j] = 0.5f * gz[j] * noise[j];
 }
 
-void sample_and_kl_grad(Floats gz, Floats gk, float scale, Floats m, Floats v, Floats eps, FloatsOut g_mu,
+void sample_and_kl_grad(Floats gz, Floats gk, float scale, Floats m, Floats v, Floats noise, FloatsOut g_mu,
                         FloatsOut g_lv, int64_t len) {
   for (int64_t j = 0; j < len; ++j) {
-    const float gs = gk[j] * scale, std_dev = vecmath::exp(0.5f * v[j]);
+    const float gs = gk[j] * scale;
     g_mu[j] = gz[j] + gs * m[j];
-    g_lv[j] = 0.5f * (gz[j] * std_dev * eps[j] + gs * (std_dev * std_dev - 1.0f));
+    g_lv[j] = 0.5f * (gz[j] * noise[j] + gs * (vecmath::exp(v[j]) - 1.0f));
   }
 }
 
@@ -173,6 +174,41 @@ void kl_prior_grad(Floats gk, float scale, Floats m, Floats v, Floats pm, Floats
     g_lv[j] = glv;
     g_pm[j] = -gm;
     g_plv[j] = -glv - 0.5f * diff * gm;
+  }
+}
+
+// The backward's std * eps for a block. Regenerating eps costs about as much as the
+// forward, so where the forward's sample z is at hand (float32) the scaled noise is
+// recovered as z - mu instead. z = mu + std eps rounded to float32 makes z - mu off by at
+// most 2^-24 (|mu| + 2 |std eps|): where |mu| <= kRecoverRatio std that is at most
+// 2^-24 std (8 + 2 |eps|), the size of the rounding of evaluating std eps afresh. Where
+// |mu| is larger (z - mu has lost digits) or not finite, eps is regenerated from the
+// seed: the block's few such groups one by one, or the whole block when they are many.
+constexpr float kRecoverRatio = 8.0f;
+
+void regenerated_noise(uint64_t seed, int64_t begin, int64_t len, Floats v, FloatsOut noise) {
+  alignas(64) float eps[kBlock];
+  normal_block(seed, begin, len, eps);
+  for (int64_t j = 0; j < len; ++j) noise[j] = vecmath::exp(0.5f * v[j]) * eps[j];
+}
+
+void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Floats v, Floats z, FloatsOut noise) {
+  if (z == nullptr) return regenerated_noise(seed, begin, len, v, noise);
+  alignas(64) int32_t lost[kBlock + 4];
+  int32_t lost_count = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    noise[j] = z[j] - m[j];
+    lost[j] = !(std::fabs(m[j]) <= kRecoverRatio * vecmath::exp(0.5f * v[j]));  // NaN: regenerate
+    lost_count += lost[j];
+  }
+  if (lost_count == 0) return;
+  if (lost_count > len / 16) return regenerated_noise(seed, begin, len, v, noise);
+  std::fill(lost + len, lost + (len + 3) / 4 * 4, 0);
+  for (int64_t first = 0; first < len; first += 4) {
+    if (!(lost[first] | lost[first + 1] | lost[first + 2] | lost[first + 3])) continue;
+    float eps[4];
+    normal_group(seed, static_cast<uint64_t>(begin + first) / 4, eps);
+    for (int64_t j = first; j < std::min(first + 4, len); ++j) noise[j] = vecmath::exp(0.5f * v[j]) * eps[j - first];
   }
 }
 
@@ -216,8 +252,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
   const int64_t n = fw.mu.numel(), cols = shape.empty() ? 1 : shape.back();
   const auto dtype = fw.mu.scalar_type();
   const bool prior = fw.prior_mu.defined() || fw.prior_logvar.defined();
-  at::Tensor z = fw.sample ? at::empty(shape, fw.mu.options()) : at::Tensor();
-  at::Tensor kl = fw.kl ? at::empty(fw.reduction == Reduction::kNone ? shape : at::IntArrayRef{}, fw.mu.options())
+  at::Tensor z = fw.sample ? empty_output(shape, fw.mu.options()) : at::Tensor();
+  at::Tensor kl = fw.kl ? empty_output(fw.reduction == Reduction::kNone ? shape : at::IntArrayRef{}, fw.mu.options())
                         : at::Tensor();
   const at::Tensor zero = at::zeros({}, fw.mu.options());
   const Rows mu_rows = as_rows(fw.mu, shape, dtype), lv_rows = as_rows(fw.logvar, shape, dtype);
@@ -260,7 +296,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
 // What one backward call computes. grad_z defined: the sampling term (its mu gradient is
 // grad_z itself); grad_kl defined: the KL term, a scalar for the reductions.
 struct Backward {
-  at::Tensor grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar;
+  at::Tensor grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, z;  // z: the forward's sample
   Reduction reduction = Reduction::kNone;
   uint64_t seed = 0;
 };
@@ -276,31 +312,36 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
   const at::Tensor zero = at::zeros({}, bw.logvar.options());
   auto rows_of = [&](const at::Tensor& t) { return as_rows(t.defined() ? t : zero, shape, dtype); };
   const Rows gz_rows = rows_of(bw.grad_z), gk_rows = rows_of(bw.grad_kl), mu_rows = rows_of(bw.mu),
-             lv_rows = rows_of(bw.logvar), pm_rows = rows_of(bw.prior_mu), plv_rows = rows_of(bw.prior_logvar);
+             lv_rows = rows_of(bw.logvar), pm_rows = rows_of(bw.prior_mu), plv_rows = rows_of(bw.prior_logvar),
+             z_rows = rows_of(bw.z);
+  // Half-precision samples keep too few digits to recover the noise from (scaled_noise).
+  const bool recover = sample && bw.z.defined() && bw.mu.defined() && dtype == at::kFloat;
   std::vector<at::Tensor> grads;
-  for (int count = !kl ? 1 : prior ? 4 : 2; count > 0; --count) grads.push_back(at::empty(shape, bw.logvar.options()));
+  for (int count = !kl ? 1 : prior ? 4 : 2; count > 0; --count) {
+    grads.push_back(empty_output(shape, bw.logvar.options()));
+  }
   FASTVAE_DISPATCH_FLOATS(dtype, "gaussian_backward", [&] {
     const Input<scalar_t> gz(gz_rows, cols), gk(gk_rows, cols), mu(mu_rows, cols), lv(lv_rows, cols),
-        pm(pm_rows, cols), plv(plv_rows, cols);
+        pm(pm_rows, cols), plv(plv_rows, cols), z(z_rows, cols);
     Output<scalar_t> out[4];
     for (size_t i = 0; i < grads.size(); ++i) out[i].data = grads[i].data_ptr<scalar_t>();
     const Output<scalar_t>& g_mu_out = out[0];
     const Output<scalar_t>& g_lv_out = kl ? out[1] : out[0];
     for_each_block(n, [&](int64_t, int64_t begin, int64_t len) {
       alignas(64) float s_gz[kBlock], s_gk[kBlock], s_mu[kBlock], s_lv[kBlock], s_pm[kBlock], s_plv[kBlock],
-          eps[kBlock], s_out[4][kBlock];
+          s_z[kBlock], noise[kBlock], s_out[4][kBlock];
       const float* v = lv.load(begin, begin + len, s_lv);
+      const float* m = kl || recover ? mu.load(begin, begin + len, s_mu) : nullptr;
       float* g_lv = g_lv_out.view(begin, s_out[1]);
       const float* g_z = sample ? gz.load(begin, begin + len, s_gz) : nullptr;
-      if (sample) normal_block(bw.seed, begin, len, eps);
+      if (sample) scaled_noise(bw.seed, begin, len, m, v, recover ? z.load(begin, begin + len, s_z) : nullptr, noise);
       if (!kl) {
-        sample_grad(g_z, v, eps, g_lv, len);
+        sample_grad(g_z, noise, g_lv, len);
       } else {
         const float* g = gk.load(begin, begin + len, s_gk);
-        const float* m = mu.load(begin, begin + len, s_mu);
         float* g_mu = g_mu_out.view(begin, s_out[0]);
         if (sample) {
-          sample_and_kl_grad(g_z, g, scale, m, v, eps, g_mu, g_lv, len);
+          sample_and_kl_grad(g_z, g, scale, m, v, noise, g_mu, g_lv, len);
         } else if (!prior) {
           kl_standard_grad(g, scale, m, v, g_mu, g_lv, len);
         } else {
@@ -336,11 +377,14 @@ at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const 
   return std::get<0>(run_forward(fw));
 }
 
-at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& logvar, const at::Tensor& seed) {
+at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& mu, const at::Tensor& logvar,
+                                  const at::Tensor& z, const at::Tensor& seed) {
   check_cpu(logvar, "logvar");
   Backward bw;
   bw.grad_z = grad_z;
+  bw.mu = mu;
   bw.logvar = logvar;
+  bw.z = z;
   bw.seed = read_seed(seed);
   return run_backward(bw)[0];
 }
@@ -380,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl(const at::Tensor& mu, const
 }
 
 std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, const at::Tensor& grad_kl,
-                                                   const at::Tensor& mu, const at::Tensor& logvar,
+                                                   const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& z,
                                                    const at::Tensor& seed, const std::string& reduction) {
   check_cpu(mu, "mu");
   Backward bw;
@@ -388,6 +432,7 @@ std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, con
   bw.grad_kl = grad_kl;
   bw.mu = mu;
   bw.logvar = logvar;
+  bw.z = z;
   bw.reduction = parse_reduction(reduction);
   bw.seed = read_seed(seed);
   return run_backward(bw);

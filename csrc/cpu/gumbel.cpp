@@ -373,7 +373,7 @@ void run_gumbel(const GumbelProblem& p, const scalar_t* x, const scalar_t* grad,
 // `x` is the logits, or the soft sample y for kBackwardFromSample (then `seed` is unused).
 at::Tensor gumbel(const at::Tensor& x_in, const at::Tensor* grad_y, uint64_t seed, double tau, Mode mode,
                   int64_t dim) {
-  auto out = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  auto out = empty_output(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (x_in.numel() == 0) return out;
   at::Tensor x = x_in, grad = grad_y ? *grad_y : at::Tensor();
   GumbelProblem p{seed, static_cast<float>(1.0 / tau), 0, x_in.size(dim),
@@ -530,9 +530,9 @@ std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at
     row_grad = (grad.to(at::kFloat).reshape({1}) * scale).expand({in.rows}).contiguous();
   }
   const float* g = row_grad.data_ptr<float>();
-  auto grad_logits = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  auto grad_logits = empty_output(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
   std::vector<at::Tensor> grads{grad_logits};
-  if (in.prior.defined()) grads.push_back(at::empty_like(grad_logits));
+  if (in.prior.defined()) grads.push_back(empty_output(grad_logits.sizes(), grad_logits.options()));
   if (in.rows == 0) return grads;
   at::Tensor out = grad_logits;
   const RowLayout out_layout = row_layout(out, dim);

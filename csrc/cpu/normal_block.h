@@ -42,20 +42,31 @@ inline void philox_uniforms(uint64_t seed, uint64_t first_group, int64_t groups,
   }
 }
 
-// The Gaussian noise of elements [begin, begin + len), begin a multiple of 4: Box-Muller
-// pairs p = (u_radius[p], u_angle[p]) give elements 2p (cos) and 2p + 1 (sin), as
-// fastvae/reference.py defines.
-inline void normal_block(uint64_t seed, int64_t begin, int64_t len, float* eps) {
-  const int64_t groups = (len + 3) / 4;
-  alignas(64) float u_radius[kMaxNormalBlock / 2], u_angle[kMaxNormalBlock / 2];
-  philox_uniforms(seed, static_cast<uint64_t>(begin) / 4, groups, u_radius, u_angle);
-  for (int64_t p = 0; p < 2 * groups; ++p) {
+// Box-Muller: pairs p = (u_radius[p], u_angle[p]) give eps[2p] (cos) and eps[2p + 1] (sin).
+inline void box_muller(const float* u_radius, const float* u_angle, int64_t pairs, float* eps) {
+  for (int64_t p = 0; p < pairs; ++p) {
     const float radius = std::sqrt(-2.0f * vecmath::log(u_radius[p]));
     float c, s;
     vecmath::cos_sin_turns(u_angle[p], &c, &s);
     eps[2 * p] = radius * c;
     eps[2 * p + 1] = radius * s;
   }
+}
+
+// The Gaussian noise of elements [begin, begin + len), begin a multiple of 4, as
+// fastvae/reference.py defines it.
+inline void normal_block(uint64_t seed, int64_t begin, int64_t len, float* eps) {
+  const int64_t groups = (len + 3) / 4;
+  alignas(64) float u_radius[kMaxNormalBlock / 2], u_angle[kMaxNormalBlock / 2];
+  philox_uniforms(seed, static_cast<uint64_t>(begin) / 4, groups, u_radius, u_angle);
+  box_muller(u_radius, u_angle, 2 * groups, eps);
+}
+
+// The four values of one group (elements 4 group .. 4 group + 3), the same bits as normal_block.
+inline void normal_group(uint64_t seed, uint64_t group, float eps[4]) {
+  float u_radius[2], u_angle[2];
+  philox_uniforms(seed, group, 1, u_radius, u_angle);
+  box_muller(u_radius, u_angle, 2, eps);
 }
 
 }  // namespace fastvae

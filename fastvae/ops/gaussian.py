@@ -14,8 +14,9 @@ def _kl_out(mu, reduction):
 
 _reparameterize = define("reparameterize(Tensor mu, Tensor logvar, Tensor seed) -> Tensor",
                          lambda mu, logvar, seed: _like(mu))
-_reparameterize_backward = define("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor seed) -> Tensor",
-                                  lambda grad_z, logvar, seed: _like(logvar))
+_reparameterize_backward = define(
+    "reparameterize_backward(Tensor grad_z, Tensor mu, Tensor logvar, Tensor z, Tensor seed) -> Tensor",
+    lambda grad_z, mu, logvar, z, seed: _like(logvar))
 _gaussian_kl = define(
     "gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, str reduction) -> Tensor",
     lambda mu, logvar, prior_mu, prior_logvar, reduction: _kl_out(mu, reduction))
@@ -28,21 +29,25 @@ _reparameterize_kl = define(
     "reparameterize_kl(Tensor mu, Tensor logvar, Tensor seed, str reduction) -> (Tensor, Tensor)",
     lambda mu, logvar, seed, reduction: (_like(mu), _kl_out(mu, reduction)))
 _reparameterize_kl_backward = define(
-    "reparameterize_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor seed, "
+    "reparameterize_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor z, Tensor seed, "
     "str reduction) -> Tensor[]",
-    lambda grad_z, grad_kl, mu, logvar, seed, reduction: [_like(mu), _like(mu)])
+    lambda grad_z, grad_kl, mu, logvar, z, seed, reduction: [_like(mu), _like(mu)])
 
 
+# The sampling Functions save their output z: a backend may recover std * eps = z - mu
+# from it instead of regenerating the noise (see reference.reparameterize_backward). As
+# with torch.exp, modifying z in place before backward is then an error.
 class _Reparameterize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, seed):
-        ctx.save_for_backward(logvar, seed)
-        return _reparameterize(mu, logvar, seed)
+        z = _reparameterize(mu, logvar, seed)
+        ctx.save_for_backward(mu, logvar, z, seed)
+        return z
 
     @staticmethod
     def backward(ctx, grad_z):
-        logvar, seed = ctx.saved_tensors
-        grad_logvar = _reparameterize_backward(grad_z, logvar, seed) if ctx.needs_input_grad[1] else None
+        mu, logvar, z, seed = ctx.saved_tensors
+        grad_logvar = _reparameterize_backward(grad_z, mu, logvar, z, seed) if ctx.needs_input_grad[1] else None
         return grad_z, grad_logvar, None
 
 
@@ -68,14 +73,15 @@ class _GaussianKL(torch.autograd.Function):
 class _ReparameterizeKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, seed, reduction):
-        ctx.save_for_backward(mu, logvar, seed)
+        z, kl = _reparameterize_kl(mu, logvar, seed, reduction)
+        ctx.save_for_backward(mu, logvar, z, seed)
         ctx.reduction = reduction
-        return _reparameterize_kl(mu, logvar, seed, reduction)
+        return z, kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        mu, logvar, seed = ctx.saved_tensors
-        g_mu, g_logvar = _reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, ctx.reduction)
+        mu, logvar, z, seed = ctx.saved_tensors
+        g_mu, g_logvar = _reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, z, seed, ctx.reduction)
         return g_mu, g_logvar, None, None
 
 
