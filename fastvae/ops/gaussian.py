@@ -101,7 +101,10 @@ def reparameterize(mu, logvar, *, generator=None):
 
     Differentiable in ``mu`` and ``logvar``. The noise is made inside the kernel from a
     seed drawn from ``generator`` (PyTorch's default generator if None) and is never
-    stored: backward regenerates it. Returns ``z`` in ``mu``'s dtype and shape.
+    stored: backward regenerates it, or (native CPU kernel, float32) recovers
+    ``std * eps`` as ``z - mu`` wherever that is exact to float32 rounding of ``std``.
+    ``z`` is saved for backward, so modifying it in place before backward is an error
+    (as for the output of ``torch.exp``). Returns ``z`` in ``mu``'s dtype and shape.
     """
     _check_pair(mu, logvar)
     seed = draw_seed(mu.device, generator)
