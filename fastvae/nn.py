@@ -80,8 +80,16 @@ class VectorQuantizer(nn.Module):
       only. The averages start as one pseudo-assignment of each code to its own initial
       value, so a code that is not chosen stays where it is (rather than jumping to
       ``m_k / eps``) until its count decays to the order of ``eps``; from then on the
-      smoothing pulls it toward the origin, as in Sonnet (restart such dead codes, e.g.
-      from ``usage_count``).
+      smoothing pulls it toward the origin, as in Sonnet (``dead_code_threshold``
+      restarts such codes).
+
+    Dead codes: with ``dead_code_threshold`` > 0 (as ``threshold_ema_dead_code`` of
+    vector-quantize-pytorch), a code whose running usage ``ema_count`` (the exponential
+    moving average of its assignments per call, decay ``ema_decay`` or 0.99) has fallen
+    below the threshold is restarted at the start of a training call: it becomes a vector
+    of that call's input drawn at random (PyTorch's default generator), and its running
+    usage is set to the threshold (in EMA mode its running sum to match), so it has a few
+    calls to win inputs before it is restarted again.
 
     Usage statistics: ``perplexity`` (tensor, set by every call) is ``exp`` of the entropy
     of the codes' frequencies in that call (``num_codes`` when all are used evenly, 1 when
@@ -93,22 +101,25 @@ class VectorQuantizer(nn.Module):
     maps (``quantized`` then has ``x``'s layout and ``indices`` is ``(B, H, W)``).
     """
 
-    def __init__(self, num_codes, dim, beta=0.25, channel_dim=-1, ema_decay=None, ema_eps=1e-5, device=None,
-                 dtype=None):
+    def __init__(self, num_codes, dim, beta=0.25, channel_dim=-1, ema_decay=None, ema_eps=1e-5,
+                 dead_code_threshold=0.0, device=None, dtype=None):
         super().__init__()
         if num_codes < 1 or dim < 1:
             raise ValueError(f"num_codes and dim must be positive, got {num_codes} and {dim}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay}")
+        if not dead_code_threshold >= 0.0:
+            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
         self.num_codes, self.dim, self.beta, self.channel_dim = num_codes, dim, beta, channel_dim
-        self.ema_decay, self.ema_eps = ema_decay, ema_eps
+        self.ema_decay, self.ema_eps, self.dead_code_threshold = ema_decay, ema_eps, dead_code_threshold
         factory = {"device": device, "dtype": dtype}
         if ema_decay is None:
             self.codebook = nn.Parameter(torch.empty(num_codes, dim, **factory))
         else:
             self.register_buffer("codebook", torch.empty(num_codes, dim, **factory))
-            self.register_buffer("ema_count", torch.empty(num_codes, device=device, dtype=torch.float32))
             self.register_buffer("ema_sum", torch.empty(num_codes, dim, device=device, dtype=torch.float32))
+        if ema_decay is not None or dead_code_threshold > 0:
+            self.register_buffer("ema_count", torch.empty(num_codes, device=device, dtype=torch.float32))
         self.register_buffer("usage_count", torch.zeros(num_codes, device=device, dtype=torch.int64))
         self.perplexity = None
         self.reset_parameters()
@@ -117,8 +128,9 @@ class VectorQuantizer(nn.Module):
         # As the original VQ-VAE: uniform in +-1/K.
         with torch.no_grad():
             nn.init.uniform_(self.codebook, -1.0 / self.num_codes, 1.0 / self.num_codes)
-            if self.ema_decay is not None:
+            if self.ema_decay is not None or self.dead_code_threshold > 0:
                 self.ema_count.fill_(1.0)
+            if self.ema_decay is not None:
                 self.ema_sum.copy_(self.codebook)
 
     def reset_usage(self):
@@ -128,6 +140,8 @@ class VectorQuantizer(nn.Module):
         channel_last = self.channel_dim in (-1, x.dim() - 1)
         if not channel_last:
             x = x.movedim(self.channel_dim, -1)
+        if self.training and self.dead_code_threshold > 0:
+            self._restart_dead_codes(x.detach().reshape(-1, self.dim))
         codebook = self.codebook  # the op casts it to x's dtype (a float32 codebook under autocast)
         if self.ema_decay is not None and self.training:
             codebook = codebook.clone()  # autograd keeps it for backward; the EMA update rewrites the buffer
@@ -145,6 +159,8 @@ class VectorQuantizer(nn.Module):
                 self.usage_count += counts
                 if self.ema_decay is not None:
                     self._ema_update(x.detach().reshape(-1, self.dim), indices.reshape(-1), counts)
+                elif self.dead_code_threshold > 0:
+                    self.ema_count.mul_(0.99).add_(counts.float(), alpha=0.01)
         if not channel_last:
             quantized = quantized.movedim(-1, self.channel_dim)
         return quantized, indices, loss
@@ -158,6 +174,20 @@ class VectorQuantizer(nn.Module):
         smoothed = (self.ema_count + self.ema_eps) / (total + self.num_codes * self.ema_eps) * total
         self.codebook.copy_(self.ema_sum / smoothed[:, None])
 
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat_x):
+        # Before the call's search, so autograd never sees the codebook change under it.
+        dead = (self.ema_count < self.dead_code_threshold).nonzero().squeeze(1)
+        if dead.numel() == 0 or flat_x.shape[0] == 0:
+            return
+        picked = flat_x[torch.randint(flat_x.shape[0], (dead.numel(),), device=flat_x.device)]
+        self.codebook[dead] = picked.to(self.codebook.dtype)
+        self.ema_count[dead] = self.dead_code_threshold
+        if self.ema_decay is not None:
+            self.ema_sum[dead] = picked.float() * self.dead_code_threshold
+
     def extra_repr(self):
         ema = "" if self.ema_decay is None else f", ema_decay={self.ema_decay}, ema_eps={self.ema_eps}"
-        return f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, channel_dim={self.channel_dim}{ema}"
+        dead = f", dead_code_threshold={self.dead_code_threshold}" if self.dead_code_threshold > 0 else ""
+        return (f"num_codes={self.num_codes}, dim={self.dim}, beta={self.beta}, "
+                f"channel_dim={self.channel_dim}{ema}{dead}")

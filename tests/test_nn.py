@@ -72,3 +72,34 @@ def test_vector_quantizer_trains_toward_the_data():
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.1 * first
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_vector_quantizer_restarts_dead_codes_from_the_input(ema_decay):
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, requires_grad=True)
+    vq = fnn.VectorQuantizer(8, 3, ema_decay=ema_decay, dead_code_threshold=0.5)
+    with torch.no_grad():
+        vq.codebook[4:] = 1e3  # never chosen
+        vq.ema_count[4:] = 0.1  # their running usage has decayed below the threshold
+    before = vq.codebook.detach().clone()
+    vq.eval()(x)
+    assert torch.equal(vq.codebook, before), "eval calls must not restart codes"
+    quantized, indices, loss = vq.train()(x)
+    (quantized.sum() + loss).backward()  # the restart happened before the search: autograd is intact
+    restarted = vq.codebook.detach()[4:]
+    distance_to_input = torch.cdist(restarted, x.detach()).min(dim=1).values
+    if ema_decay is None:
+        assert torch.equal(distance_to_input, torch.zeros(4)), "dead codes become vectors of the input"
+        assert torch.equal(vq.codebook[:4], before[:4])
+        torch.testing.assert_close(vq.ema_count[4:], 0.5 * 0.99 + 0.01 * vq.usage_count[4:].float())
+    else:  # then the EMA step moves them toward the inputs they won, away from 1e3
+        assert (distance_to_input < 5).all()
+    assert "dead_code_threshold=0.5" in repr(vq)
+
+
+def test_vector_quantizer_dead_code_restart_is_off_by_default_and_checked():
+    vq = fnn.VectorQuantizer(8, 3)
+    assert not hasattr(vq, "ema_count") and "dead_code" not in repr(vq)
+    with pytest.raises(ValueError, match="dead_code_threshold"):
+        fnn.VectorQuantizer(8, 3, dead_code_threshold=-1.0)
