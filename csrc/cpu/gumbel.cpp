@@ -1,6 +1,7 @@
 // Gumbel column, C++ CPU kernels: gumbel_softmax (soft and hard), its backward (from the
-// seed, or from the soft sample) and the categorical KL. The noise of element (row, c) is lane c % 4 of Philox quad c / 4 of
-// `row` (reference.py), made eight quads or eight rows at a time and never stored.
+// seed, or from the soft sample) and the categorical KL. The noise of element (row, c) is
+// lane c % 4 of Philox quad c / 4 of `row` (reference.py), made eight quads or eight rows
+// at a time and never stored.
 //
 // Two loop shapes, chosen by layout:
 // * rows_in_lanes: `dim` last and contiguous, K >= 32. One row at a time; the eight
