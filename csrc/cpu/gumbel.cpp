@@ -152,7 +152,7 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
     }
     chunk_max[j] = running_max;
     for (int v = 0; v < 4; ++v) {
-      const VecF e = vec8::exp_nonpositive(z[v] - running_max);
+      const VecF e = vecmath::exp_nonpositive(z[v] - running_max);
       vec8::store(chunk + kLanes * v, e);
       sum += e;
       if (mode == Mode::kBackward) grad_dot += e * vec8::load(grad_buf + kWideChunk * j + kLanes * v);
@@ -289,13 +289,13 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
     perturbed_chunk(j, z);
     VecF top = running_max;
     for (int k = 0; k < kTileChunk; ++k) top = vec8::max(top, z[k] *= p.inv_tau);
-    const VecF rescale = vec8::exp_nonpositive(running_max - top);
+    const VecF rescale = vecmath::exp_nonpositive(running_max - top);
     sum *= rescale;
     grad_dot *= rescale;
     running_max = chunk_max[j] = top;
     for (int k = 0; k < kTileChunk; ++k) {
       float* column = tile + (kTileChunk * j + k) * kLanes;
-      const VecF e = vec8::exp_nonpositive(z[k] - running_max);
+      const VecF e = vecmath::exp_nonpositive(z[k] - running_max);
       vec8::store(column, e);
       sum += e;
       if (mode == Mode::kBackward) grad_dot += e * vec8::load(grad_tile + (kTileChunk * j + k) * kLanes);
@@ -304,7 +304,7 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
   const VecF inv_sum = vec8::select(sum > 0.0f, 1.0f / sum, VecF{});  // all -inf rows give zeros
   const VecF dot = grad_dot * inv_sum;
   for (int64_t j = 0; j < chunks; ++j) {
-    const VecF scale = vec8::exp_nonpositive(chunk_max[j] - running_max) * inv_sum;
+    const VecF scale = vecmath::exp_nonpositive(chunk_max[j] - running_max) * inv_sum;
     for (int k = 0; k < kTileChunk; ++k) {
       float* column = tile + (kTileChunk * j + k) * kLanes;
       const VecF y = vec8::load(column) * scale;
@@ -413,7 +413,7 @@ LogSoftmax log_softmax_of(const float* v, int64_t padded) {
   const float m = vec8::horizontal_max(top);
   if (m == -kInf) return {0.0f, -kInf};
   VecF sum{};
-  for (int64_t c = 0; c < padded; c += kLanes) sum += vec8::exp_nonpositive(vec8::load(v + c) - m);
+  for (int64_t c = 0; c < padded; c += kLanes) sum += vecmath::exp_nonpositive(vec8::load(v + c) - m);
   return {m, std::log(vec8::horizontal_sum(sum))};
 }
 
@@ -429,7 +429,7 @@ KLRow kl_of_row(const float* x, const float* q, int64_t padded) {
   VecF weighted{};
   for (int64_t c = 0; c < padded; c += kLanes) {
     const VecF xc = vec8::load(x + c) - row.p.max, qc = vec8::load(q + c) - row.q.max;
-    const VecF e = vec8::exp_nonpositive(xc);
+    const VecF e = vecmath::exp_nonpositive(xc);
     weighted += vec8::select(e > 0.0f, e * (xc - qc), VecF{});
   }
   row.kl = vec8::horizontal_sum(weighted) * std::exp(-row.p.log_sum) - row.p.log_sum + row.q.log_sum;

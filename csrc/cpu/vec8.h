@@ -1,6 +1,6 @@
 // Eight-lane float/uint32 vectors (GCC/Clang vector extensions) and the vectorised
-// pieces of the Gumbel stream: Philox-4x32-10 on eight counters at once, the uniform
-// mapping of philox.h, and fast log/exp accurate to about one float32 ulp.
+// pieces of the Gumbel stream: Philox-4x32-10 on eight counters at once and the uniform
+// mapping of philox.h; exp and log are vecmath.h's, instantiated for these vectors.
 //
 // Eight 32-bit lanes are one AVX2 register: wider extension vectors are lowered
 // element by element for comparisons on AVX2, which costs more than it gains.
@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../philox.h"
+#include "vecmath.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -46,6 +47,22 @@ FASTVAE_VEC_INLINE void store(float* p, VecF a, VecF b) {
 FASTVAE_VEC_INLINE VecF select(VecI mask, VecF a, VecF b) { return (VecF)(((VecI)a & mask) | ((VecI)b & ~mask)); }
 FASTVAE_VEC_INLINE VecI select(VecI mask, VecI a, VecI b) { return (a & mask) | (b & ~mask); }
 FASTVAE_VEC_INLINE VecF max(VecF a, VecF b) { return select(a > b, a, b); }
+
+}  // namespace vec8
+
+// vecmath.h's exp and log on eight lanes at once.
+template <>
+struct vecmath::Lanes<vec8::VecF> {
+  using Int = vec8::VecI;
+  using UInt = vec8::VecU;
+  static FASTVAE_VECMATH vec8::VecF splat(float v) { return vec8::splat(v); }
+  static FASTVAE_VECMATH UInt bits(vec8::VecF f) { return (UInt)f; }
+  static FASTVAE_VECMATH vec8::VecF from_bits(UInt u) { return (vec8::VecF)u; }
+  static FASTVAE_VECMATH vec8::VecF to_float(Int i) { return __builtin_convertvector(i, vec8::VecF); }
+  static FASTVAE_VECMATH vec8::VecF select(Int mask, vec8::VecF a, vec8::VecF b) { return vec8::select(mask, a, b); }
+};
+
+namespace vec8 {
 
 FASTVAE_VEC_INLINE float horizontal_max(VecF v) {
   float m = v[0];
@@ -91,55 +108,11 @@ FASTVAE_VEC_INLINE void philox(uint64_t seed, VecU c0, VecU c1, VecU c2, VecU ou
   out[3] = c3;
 }
 
-// log(x) for positive normal x (the only inputs the Gumbel transform produces): x is
-// split as 2^e * (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)), log(1 + f) by a minimax
-// polynomial, ln 2 in two parts so e * ln 2 stays exact. Error below one ulp.
-FASTVAE_VEC_INLINE VecF log_positive(VecF x) {
-  const VecU shifted = (VecU)x - 0x3f3504f3u;  // bits of sqrt(1/2)
-  const VecF exponent = __builtin_convertvector((VecI)shifted >> 23, VecF);
-  const VecF f = (VecF)((shifted & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
-  const VecF f2 = f * f;
-  VecF p = splat(7.0376836292e-2f);
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  const VecF r = f * f2 * p + exponent * -2.12194440e-4f - 0.5f * f2;
-  return (f + r) + exponent * 0.693359375f;
-}
-
-// exp(x) for x <= 0 (softmax arguments after the max is subtracted), -inf included:
-// 2^n * exp(r) with |r| <= ln2 / 2 by a polynomial; results below the smallest normal
-// float (x < -87.33) flush to 0. Error about one ulp.
-FASTVAE_VEC_INLINE VecF exp_nonpositive(VecF x) {
-  const VecF lowest = splat(-87.33f);
-  const VecI in_range = x > lowest;
-  const VecF clamped = select(in_range, x, lowest);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const VecF shifted = clamped * 1.44269504088896341f + shifter;
-  const VecF n = shifted - shifter;
-  VecF r = n * -0.693359375f + clamped;
-  r = n * 2.12194440e-4f + r;
-  VecF p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const VecF two_to_n = (VecF)(((VecU)shifted - (VecU)splat(shifter) + 127u) << 23);
-  return select(in_range, p * two_to_n, VecF{});
-}
-
 // uint_to_uniform of philox.h on eight draws.
 FASTVAE_VEC_INLINE VecF uniform(VecU bits) { return __builtin_convertvector((VecI)(bits >> 9), VecF) * 0x1p-23f + 0x1p-24f; }
 
 // Gumbel(0, 1) noise -log(-log(u)) from raw draws.
-FASTVAE_VEC_INLINE VecF gumbel_from_bits(VecU bits) { return -log_positive(-log_positive(uniform(bits))); }
+FASTVAE_VEC_INLINE VecF gumbel_from_bits(VecU bits) { return -vecmath::log(-vecmath::log(uniform(bits))); }
 
 // Four vectors holding lanes 0..3 of eight Philox quads -> the 32 values in column order
 // (quad q, lane k at position 4q + k).

@@ -1,7 +1,9 @@
-// Branch-free float32 exp, log and sin/cos of whole turns, written so that GCC/Clang
-// auto-vectorise loops calling them (libm calls do not vectorise without -ffast-math).
-// Accuracy: about 1-2 ulp over the ranges the kernels use (checked against float64 by
-// tests/test_gaussian.py through the samplers and the KL).
+// Branch-free float32 exp and log for whole vectors of lanes, and sin/cos of whole turns.
+// exp and log are templates over the lane type: float, in loops that GCC/Clang
+// auto-vectorise (libm calls do not vectorise without -ffast-math), and the explicit
+// eight-lane vec8::VecF (vec8.h supplies its Lanes traits). One polynomial each serves
+// the Gaussian and the Gumbel kernels. Accuracy: about one ulp over the ranges the
+// kernels use (checked against float64 by the tests through the samplers and the KLs).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -12,67 +14,103 @@
 namespace fastvae {
 namespace vecmath {
 
-FASTVAE_VECMATH float bits_to_float(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+// What exp and log need of a lane type F: integer types of its width, bit casts,
+// int-to-float conversion, per-lane select (a mask is what F's comparisons return).
+template <typename F>
+struct Lanes;
 
-FASTVAE_VECMATH uint32_t float_to_bits(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  return bits;
-}
+template <>
+struct Lanes<float> {
+  using Int = int32_t;
+  using UInt = uint32_t;
+  static FASTVAE_VECMATH float splat(float v) { return v; }
+  static FASTVAE_VECMATH UInt bits(float f) {
+    UInt u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+  }
+  static FASTVAE_VECMATH float from_bits(UInt u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static FASTVAE_VECMATH float to_float(Int i) { return static_cast<float>(i); }
+  static FASTVAE_VECMATH float select(bool mask, float a, float b) { return mask ? a : b; }
+};
 
-// 2^k for integer k in [-252, 254], as two exponent-field factors so that results in
-// the subnormal or overflow range still come out right when multiplied in.
-FASTVAE_VECMATH float pow2_half(int32_t k) { return bits_to_float(static_cast<uint32_t>((k >> 1) + 127) << 23); }
-FASTVAE_VECMATH float pow2_rest(int32_t k) { return bits_to_float(static_cast<uint32_t>(k - (k >> 1) + 127) << 23); }
-
-// exp(x): x = k ln2 + r, |r| <= ln2 / 2, Taylor to r^7 (truncation < 1e-8 relative).
-// Overflows to inf, underflows through subnormals to 0, propagates NaN.
-FASTVAE_VECMATH float exp(float x) {
-  x = x < -104.0f ? -104.0f : x;  // written as selects so that NaN passes through
-  x = x > 89.0f ? 89.0f : x;
-  // Round x / ln2 to an integer with the 1.5 * 2^23 shifter: exact, and well defined for NaN.
-  const float shifter = 12582912.0f;
-  const float shifted = x * 1.4426950408889634f + shifter;
-  const int32_t k = static_cast<int32_t>(float_to_bits(shifted) - float_to_bits(shifter));
-  const float kf = shifted - shifter;
-  const float r = (x - kf * 0.693359375f) + kf * 2.1219444005469057e-4f;  // ln2 split hi + lo
-  float p = 1.9841269841269841e-4f;
+// exp(r) for x = k ln2 + r, |r| <= ln2 / 2, by its Taylor polynomial to r^7 (truncation
+// below 1e-8 relative; all FMAs, the cheapest form measured here); x must be finite
+// or NaN (NaN propagates) and k fit an exponent field. Returns exp(r), sets k.
+template <typename F>
+FASTVAE_VECMATH F exp_of_remainder(F x, typename Lanes<F>::Int* k) {
+  using L = Lanes<F>;
+  const F shifter = L::splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const F shifted = x * 1.44269504088896341f + shifter;
+  const F n = shifted - shifter;
+  F r = n * -0.693359375f + x;  // ln2 in two parts: n * ln2 stays exact
+  r = n * 2.12194440e-4f + r;
+  F p = L::splat(1.9841269841269841e-4f);
   p = p * r + 1.3888888888888889e-3f;
   p = p * r + 8.3333333333333333e-3f;
   p = p * r + 4.1666666666666664e-2f;
   p = p * r + 0.16666666666666666f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * pow2_half(k) * pow2_rest(k);
+  *k = (typename L::Int)(L::bits(shifted) - L::bits(shifter));
+  return p * r + 1.0f;
 }
 
-// log(x) for positive normal x: x = 2^e m with m in [sqrt(1/2), sqrt(2)), and
-// log(m) = f - f^2/2 + f^3 Q(f), f = m - 1 exact; Q is a least-squares fit (relative
-// error) of degree 7 on that interval, max error 2.1 ulp in float32 arithmetic.
-FASTVAE_VECMATH float log(float x) {
-  const uint32_t bits = float_to_bits(x);
-  // Shift by sqrt(1/2)'s bits so that mantissas above sqrt(2) move to the next exponent.
-  const uint32_t offset = bits - 0x3f3504f3u;
-  const int32_t e = static_cast<int32_t>(offset) >> 23;
-  const float m = bits_to_float((offset & 0x007fffffu) + 0x3f3504f3u);
-  const float f = m - 1.0f;
-  float q = -0.07362867891788483f;
-  q = q * f + 0.1262032687664032f;
-  q = q * f - 0.13202103972434998f;
-  q = q * f + 0.14227114617824554f;
-  q = q * f - 0.16621370613574982f;
-  q = q * f + 0.19999825954437256f;
-  q = q * f - 0.2500085234642029f;
-  q = q * f + 0.3333335518836975f;
-  const float f2 = f * f;
-  const float ef = static_cast<float>(e);
-  const float log_m = f - 0.5f * f2 + f2 * f * q;
-  return (log_m - ef * 2.1219444005469057e-4f) + ef * 0.693359375f;  // e ln2, split hi + lo
+// 2^k for k in [-126, 127], built in the exponent field.
+template <typename F>
+FASTVAE_VECMATH F pow2(typename Lanes<F>::Int k) {
+  return Lanes<F>::from_bits((typename Lanes<F>::UInt)((k + 127) << 23));
+}
+
+// exp(x) for any x: overflows to inf, underflows through subnormals to 0, NaN propagates.
+// 2^k is applied as two factors so that subnormal results (k < -126) come out right.
+template <typename F>
+FASTVAE_VECMATH F exp(F x) {
+  using L = Lanes<F>;
+  x = L::select(x < L::splat(-104.0f), L::splat(-104.0f), x);  // selects, so that NaN passes through
+  x = L::select(x > L::splat(89.0f), L::splat(89.0f), x);
+  typename L::Int k;
+  const F e = exp_of_remainder(x, &k);
+  const auto half = k >> 1;
+  return e * pow2<F>(half) * pow2<F>(k - half);
+}
+
+// exp(x) for softmax arguments x <= 0 (after the max is subtracted): -inf, NaN (from
+// -inf - -inf in a fully masked row) and x < -87.33 give 0, never a subnormal.
+template <typename F>
+FASTVAE_VECMATH F exp_nonpositive(F x) {
+  using L = Lanes<F>;
+  const F lowest = L::splat(-87.33f);
+  const auto in_range = x > lowest;
+  typename L::Int k;
+  const F e = exp_of_remainder(L::select(in_range, x, lowest), &k);
+  return L::select(in_range, e * pow2<F>(k), L::splat(0.0f));
+}
+
+// log(x) for positive normal x: x = 2^e (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)),
+// log(1 + f) by a minimax polynomial, e ln2 in two parts. Error below one ulp.
+template <typename F>
+FASTVAE_VECMATH F log(F x) {
+  using L = Lanes<F>;
+  const auto shifted = L::bits(x) - 0x3f3504f3u;  // bits of sqrt(1/2)
+  const F exponent = L::to_float((typename L::Int)shifted >> 23);
+  const F f = L::from_bits((shifted & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  const F f2 = f * f;
+  F p = L::splat(7.0376836292e-2f);
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const F r = f * f2 * p + exponent * -2.12194440e-4f - 0.5f * f2;
+  return (f + r) + exponent * 0.693359375f;
 }
 
 // cos(2 pi t) and sin(2 pi t) for t in [0, 1]: t = q/4 + f with f in [-1/8, 1/8] exact
