@@ -21,7 +21,7 @@ std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, con
                                                    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& z,
                                                    const at::Tensor& seed, const std::string& reduction);
 
-// ---- Gumbel column: csrc/cpu/gumbel.cpp
+// ---- Gumbel column: csrc/cpu/gumbel.cpp (sampling), csrc/cpu/gumbel_kl.cpp (KL)
 at::Tensor gumbel_softmax(const at::Tensor& logits, const at::Tensor& seed, double tau, bool hard, int64_t dim);
 at::Tensor gumbel_softmax_backward(const at::Tensor& grad_y, const at::Tensor& logits, const at::Tensor& seed,
                                    double tau, int64_t dim);
