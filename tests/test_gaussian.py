@@ -12,7 +12,7 @@ from torch.distributions import Normal, kl_divergence
 import fastvae
 from fastvae import reference
 import helpers
-from helpers import DTYPES, as64, non_contiguous, randn, requires
+from helpers import DTYPES, as64, non_contiguous, randn, requires, requires_on
 
 REDUCTIONS = ["none", "sum", "mean", "batchmean"]
 # Not multiples of any block, one element, 0-d, empty, 3-D, one row longer than a block.
@@ -338,9 +338,7 @@ def test_empty_batch_reductions(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cuda_matches_reference(backend, dtype, reduction):
-    requires(backend, *FORWARD_OPS, *BACKWARD_OPS)
-    if "cuda" not in fastvae._backend._BACKENDS[backend].devices():
-        pytest.skip(f"{backend} does not run CUDA tensors")
+    requires_on(backend, "cuda", *FORWARD_OPS, *BACKWARD_OPS, dtype=dtype)
     mu, logvar = inputs((333, 257), dtype, device="cuda")
     prior_mu, prior_logvar = randn(257, dtype=dtype, device="cuda"), randn(333, 1, dtype=dtype, device="cuda")
     seed = seed_tensor(device="cuda")
@@ -364,9 +362,7 @@ def test_cuda_matches_reference(backend, dtype, reduction):
 
 @pytest.mark.gpu
 def test_cuda_samples_and_determinism(backend):
-    requires(backend, "reparameterize", "gaussian_kl")
-    if "cuda" not in fastvae._backend._BACKENDS[backend].devices():
-        pytest.skip(f"{backend} does not run CUDA tensors")
+    requires_on(backend, "cuda", "reparameterize", "gaussian_kl")
     n = 1 << 20
     mu, logvar = randn(n, device="cuda"), randn(n, device="cuda")
     z = fastvae.reparameterize(mu, logvar, generator=torch.Generator("cuda").manual_seed(5))
