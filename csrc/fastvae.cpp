@@ -15,11 +15,23 @@ std::vector<std::string> devices() {
 #endif
 }
 
+// The backend-interface functions with a CUDA kernel (csrc/cuda/); the others run on CPU
+// only, so the backend registry sends their CUDA tensors elsewhere.
+std::vector<std::string> cuda_ops() {
+#ifdef FASTVAE_WITH_CUDA
+  return {"reparameterize",    "reparameterize_backward",    "gaussian_kl", "gaussian_kl_backward",
+          "reparameterize_kl", "reparameterize_kl_backward"};
+#else
+  return {};
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvae native backend: C++ CPU kernels (and CUDA kernels where built with CUDA)";
   m.def("devices", &devices, "Device types this build runs");
+  m.def("cuda_ops", &cuda_ops, "Names of the functions with CUDA kernels in this build");
   m.def("philox4x32", &fastvae::philox4x32, "Raw Philox-4x32-10 of (n, 4) uint32 counters held in int64");
   m.def("normal_stream", &fastvae::normal_stream, "The first n values of the Gaussian ops' noise stream");
   m.def("gumbel_stream", &fastvae::gumbel_stream, "The (rows, cols) Gumbel noise of the Gumbel ops");

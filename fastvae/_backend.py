@@ -5,7 +5,8 @@ A backend is a module that provides some of the op functions of ``fastvae.refere
 editing. For each call, ``lookup(op, tensor)`` picks the implementation:
 
 * an explicit backend (``use_backend("native")``) runs the op or raises
-  :class:`BackendError` saying why it cannot (not installed, wrong device, op missing);
+  :class:`BackendError` saying why it cannot (not installed, wrong device, op missing,
+  no kernel for the op on that device);
 * ``auto`` takes the first backend in the device's preference order that can run it,
   so an op a backend lacks simply falls through to the next.
 
@@ -36,10 +37,12 @@ class BackendError(RuntimeError):
 
 
 class _Backend:
-    def __init__(self, name, module, devices, dtypes, unavailable_hint):
+    def __init__(self, name, module, devices, dtypes, unavailable_hint, device_ops=None):
         self.name = name
         self._module_name = module
         self._devices = devices  # () -> set of device types it can run
+        # () -> {device type: the ops with a kernel there}; a device type left out runs every op
+        self._device_ops = device_ops
         self.dtypes = dtypes
         self._hint = unavailable_hint
         self._loaded = None
@@ -60,6 +63,11 @@ class _Backend:
         module = self.module()
         return module is not None and callable(getattr(module, op, None))
 
+    def has_kernel(self, op, device_type):
+        """Whether ``op`` has a kernel for ``device_type`` (given the device is one it runs)."""
+        ops = self._device_ops().get(device_type) if self._device_ops is not None else None
+        return ops is None or op in ops
+
     def why_not(self, op, device_type, dtype):
         """None if this backend runs ``op`` on (device_type, dtype), else the reason."""
         if self.module() is None:
@@ -70,6 +78,8 @@ class _Backend:
             return f"it does not take {dtype} inputs (use 'torch' or 'auto' for those)"
         if not self.implements(op):
             return f"it does not implement '{op}' yet"
+        if not self.has_kernel(op, device_type):
+            return f"it has no {device_type.upper()} kernel for {op}"
         return None
 
 
@@ -86,20 +96,26 @@ def _native_devices():
     return set(importlib.import_module("fastvae._C").devices())
 
 
+def _native_device_ops():
+    # A CUDA build has CUDA kernels for some ops only; its CPU kernels cover every op.
+    return {"cuda": frozenset(importlib.import_module("fastvae._C").cuda_ops())}
+
+
 _BACKENDS = {}
 # Fastest first, per device type; `auto` walks this list.
 _PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 _FALLBACK_PREFERENCE = ("torch",)
 
 
-def _register(name, module, devices, dtypes, hint):
-    _BACKENDS[name] = _Backend(name, module, devices, dtypes, hint)
+def _register(name, module, devices, dtypes, hint, device_ops=None):
+    _BACKENDS[name] = _Backend(name, module, devices, dtypes, hint, device_ops)
 
 
 _register("triton", "fastvae.kernels", _triton_devices, KERNEL_DTYPES,
           "needs the triton package, and TRITON_INTERPRET=1 for CPU tensors")
 _register("native", "fastvae._C", _native_devices, KERNEL_DTYPES,
-          "the compiled extension fastvae._C was not built; reinstall with a C++ compiler present")
+          "the compiled extension fastvae._C was not built; reinstall with a C++ compiler present",
+          _native_device_ops)
 _register("torch", "fastvae.reference", lambda: {"cpu", "cuda", "mps", "xpu", "meta"}, ALL_DTYPES, "")
 
 NAMES = ("auto",) + tuple(_BACKENDS)

@@ -22,6 +22,15 @@ def requires(backend, *ops):
         pytest.skip(f"backend {backend!r} does not implement {', '.join(missing)}")
 
 
+def requires_on(backend, device_type, *ops, dtype=torch.float32):
+    """Skip unless ``backend`` runs all of ``ops`` on ``device_type`` tensors here: it
+    implements them, runs that device, and has a kernel there for each (native CUDA
+    builds have CUDA kernels for some ops only)."""
+    reasons = [reason for op in ops if (reason := _backend._BACKENDS[backend].why_not(op, device_type, dtype))]
+    if reasons:
+        pytest.skip(f"backend {backend!r} on {device_type}: {reasons[0]}")
+
+
 def as64(*tensors):
     return [None if t is None else t.detach().to(torch.float64) for t in tensors]
 

@@ -93,6 +93,31 @@ def test_explicit_backend_without_the_op_raises_clearly(monkeypatch):
     assert z.shape == (2,)
 
 
+def test_native_cuda_build_claims_only_ops_with_cuda_kernels(monkeypatch):
+    """A CUDA build of fastvae._C runs CPU and CUDA tensors, but CUDA ones only for the ops
+    it lists in cuda_ops(): for the others `auto` falls through and `native` says why."""
+    fake = type(sys)("fastvae._C")
+    fake.devices = lambda: ["cpu", "cuda"]
+    fake.cuda_ops = lambda: ["reparameterize", "reparameterize_backward"]
+    fake.reparameterize = fake.reparameterize_backward = fake.gumbel_softmax = lambda *args: "native"
+    monkeypatch.setitem(sys.modules, "fastvae._C", fake)
+    monkeypatch.setitem(_backend._BACKENDS, "native", _backend._Backend(
+        "native", "fastvae._C", _backend._native_devices, _backend.KERNEL_DTYPES, "test",
+        _backend._native_device_ops))
+    monkeypatch.setitem(_backend._BACKENDS, "triton", _backend._Backend(  # no GPU Triton here either
+        "triton", "fastvae.kernels", set, _backend.KERNEL_DTYPES, "test"))
+    monkeypatch.setattr(_backend, "_cache", {})
+    f32 = torch.float32
+    assert _backend._resolve("native", "reparameterize", "cuda", f32) is fake.reparameterize
+    assert _backend._resolve("auto", "reparameterize", "cuda", f32) is fake.reparameterize
+    assert _backend._resolve("native", "gumbel_softmax", "cpu", f32) is fake.gumbel_softmax
+    with pytest.raises(fastvae.BackendError, match="'native' cannot run gumbel_softmax on cuda.*"
+                                                   "it has no CUDA kernel for gumbel_softmax"):
+        _backend._resolve("native", "gumbel_softmax", "cuda", f32)
+    from fastvae import reference
+    assert _backend._resolve("auto", "gumbel_softmax", "cuda", f32) is reference.gumbel_softmax
+
+
 def test_explicit_backend_that_cannot_run_the_device_raises(monkeypatch):
     monkeypatch.setattr(_backend, "_cache", {})
     monkeypatch.setitem(_backend._BACKENDS, "triton", _backend._Backend(

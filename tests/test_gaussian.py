@@ -12,7 +12,7 @@ from torch.distributions import Normal, kl_divergence
 import fastvae
 from fastvae import reference
 import helpers
-from helpers import DTYPES, as64, non_contiguous, randn, requires
+from helpers import DTYPES, as64, non_contiguous, randn, requires, requires_on
 
 REDUCTIONS = ["none", "sum", "mean", "batchmean"]
 # Not multiples of any block, one element, 0-d, empty, 3-D, one row longer than a block.
@@ -338,9 +338,7 @@ def test_empty_batch_reductions(backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cuda_matches_reference(backend, dtype, reduction):
-    requires(backend, *FORWARD_OPS, *BACKWARD_OPS)
-    if "cuda" not in fastvae._backend._BACKENDS[backend].devices():
-        pytest.skip(f"{backend} does not run CUDA tensors")
+    requires_on(backend, "cuda", *FORWARD_OPS, *BACKWARD_OPS, dtype=dtype)
     mu, logvar = inputs((333, 257), dtype, device="cuda")
     prior_mu, prior_logvar = randn(257, dtype=dtype, device="cuda"), randn(333, 1, dtype=dtype, device="cuda")
     seed = seed_tensor(device="cuda")
@@ -364,9 +362,7 @@ def test_cuda_matches_reference(backend, dtype, reduction):
 
 @pytest.mark.gpu
 def test_cuda_samples_and_determinism(backend):
-    requires(backend, "reparameterize", "gaussian_kl")
-    if "cuda" not in fastvae._backend._BACKENDS[backend].devices():
-        pytest.skip(f"{backend} does not run CUDA tensors")
+    requires_on(backend, "cuda", "reparameterize", "gaussian_kl")
     n = 1 << 20
     mu, logvar = randn(n, device="cuda"), randn(n, device="cuda")
     z = fastvae.reparameterize(mu, logvar, generator=torch.Generator("cuda").manual_seed(5))
@@ -378,3 +374,33 @@ def test_cuda_samples_and_determinism(backend):
     zeros = torch.zeros(4099, device="cuda")
     eps = torch.ops.fastvae.reparameterize(zeros, zeros, seed_tensor(9, device="cuda"))
     torch.testing.assert_close(eps.double().cpu(), cpu_eps, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_shapes_layouts_and_half_prior(backend, shape):
+    """Group tails, 0-d and empty tensors; strided, unaligned and vector-load paths; a
+    prior given as a broadcast mean alone: each against the float64 spec."""
+    requires_on(backend, "cuda", *FORWARD_OPS, *BACKWARD_OPS)
+    mu, logvar = inputs(shape, torch.float32, device="cuda")
+    prior_mu = randn(*shape[-1:], device="cuda")  # (D,), or a scalar for a 0-d mu
+    seed = seed_tensor(device="cuda")
+    unaligned = [torch.cat([t.new_zeros(1), t.reshape(-1)])[1:].view(shape) for t in (mu, logvar)]
+    layouts = {"contiguous": (mu, logvar), "non-contiguous": (non_contiguous(mu), non_contiguous(logvar)),
+               "unaligned": unaligned}
+    for mu_in, logvar_in in layouts.values():
+        z = torch.ops.fastvae.reparameterize(mu_in, logvar_in, seed)
+        assert_close(z, reference.reparameterize(*as64(mu, logvar), seed), torch.float32, scale=2)
+        grad_z = randn(*shape, device="cuda")
+        grad = torch.ops.fastvae.reparameterize_backward(grad_z, mu_in, logvar_in, z, seed)
+        assert_close(grad, reference.reparameterize_backward(*as64(grad_z, mu, logvar, z), seed), torch.float32,
+                     scale=2)
+        for reduction in REDUCTIONS:
+            kl = torch.ops.fastvae.gaussian_kl(mu_in, logvar_in, prior_mu, None, reduction)
+            assert_close(kl, reference.gaussian_kl(*as64(mu, logvar, prior_mu), None, reduction), torch.float32,
+                         scale=2)
+            grad = randn(*kl.shape, device="cuda")
+            grads = torch.ops.fastvae.gaussian_kl_backward(grad, mu_in, logvar_in, prior_mu, None, reduction)
+            expected = reference.gaussian_kl_backward(*as64(grad, mu, logvar, prior_mu), None, reduction)
+            for g, g64 in zip(grads, expected):
+                assert_close(g, g64, torch.float32, scale=2)

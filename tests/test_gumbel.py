@@ -8,10 +8,10 @@ from scipy.stats import chisquare
 from torch.distributions import Categorical, kl_divergence
 
 import fastvae
-from fastvae import _backend, reference
+from fastvae import reference
 from fastvae.ops._common import REDUCTIONS, draw_seed
 
-from helpers import DTYPES, as64, assert_close, non_contiguous, randn, requires
+from helpers import DTYPES, as64, assert_close, non_contiguous, randn, requires, requires_on
 
 GUMBEL_OPS = ("gumbel_softmax", "gumbel_softmax_backward", "gumbel_softmax_backward_from_sample")
 KL_OPS = ("categorical_kl", "categorical_kl_backward")
@@ -341,9 +341,7 @@ def test_categorical_kl_wide_rows_and_large_logits(backend):
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_matches_reference(backend, dtype, hard):
-    requires(backend, *GUMBEL_OPS, *KL_OPS)
-    if "cuda" not in _backend._BACKENDS[backend].devices():
-        pytest.skip(f"backend {backend!r} does not run CUDA tensors here")
+    requires_on(backend, "cuda", *GUMBEL_OPS, *KL_OPS, dtype=dtype)
     for shape, dim in [((64, 1000), -1), ((4, 33, 8, 8), 1), ((3, 70000), -1)]:
         logits = randn(*shape, dtype=dtype, device="cuda", requires_grad=True)
         seed = torch.tensor([42], dtype=torch.int64, device="cuda")

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../cuda/gaussian.h"
 #include "../ops.h"
 #include "normal_block.h"
 #include "vecmath.h"
@@ -371,6 +372,7 @@ Forward forward_of(const at::Tensor& mu, const at::Tensor& logvar) {
 }  // namespace
 
 at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed) {
+  FASTVAE_ON_CUDA(mu, reparameterize(mu, logvar, seed));
   Forward fw = forward_of(mu, logvar);
   fw.sample = true;
   fw.seed = read_seed(seed);
@@ -379,6 +381,7 @@ at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const 
 
 at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& mu, const at::Tensor& logvar,
                                   const at::Tensor& z, const at::Tensor& seed) {
+  FASTVAE_ON_CUDA(logvar, reparameterize_backward(grad_z, mu, logvar, z, seed));
   check_cpu(logvar, "logvar");
   Backward bw;
   bw.grad_z = grad_z;
@@ -391,6 +394,7 @@ at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& m
 
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& prior_mu,
                        const c10::optional<at::Tensor>& prior_logvar, const std::string& reduction) {
+  FASTVAE_ON_CUDA(mu, gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction));
   Forward fw = forward_of(mu, logvar);
   fw.kl = true;
   fw.reduction = parse_reduction(reduction);
@@ -403,6 +407,7 @@ std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::T
                                              const c10::optional<at::Tensor>& prior_mu,
                                              const c10::optional<at::Tensor>& prior_logvar,
                                              const std::string& reduction) {
+  FASTVAE_ON_CUDA(mu, gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, reduction));
   check_cpu(mu, "mu");
   Backward bw;
   bw.grad_kl = grad;
@@ -416,6 +421,7 @@ std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::T
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
                                                      const at::Tensor& seed, const std::string& reduction) {
+  FASTVAE_ON_CUDA(mu, reparameterize_kl(mu, logvar, seed, reduction));
   Forward fw = forward_of(mu, logvar);
   fw.sample = fw.kl = true;
   fw.reduction = parse_reduction(reduction);
@@ -426,6 +432,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl(const at::Tensor& mu, const
 std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, const at::Tensor& grad_kl,
                                                    const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& z,
                                                    const at::Tensor& seed, const std::string& reduction) {
+  FASTVAE_ON_CUDA(mu, reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, z, seed, reduction));
   check_cpu(mu, "mu");
   Backward bw;
   bw.grad_z = grad_z;
