@@ -251,10 +251,12 @@ def fastvae_candidates(call, device, ops):
     from fastvae import _backend
 
     out = {}
+    device_type = torch.device(device).type
     for name in fastvae.available_backends():
-        if name in ("auto", "torch") or torch.device(device).type not in _backend._BACKENDS[name].devices():
+        if name in ("auto", "torch"):
             continue
-        if not set(ops) <= set(_backend.implementations(name)):
+        backend = _backend._BACKENDS[name]
+        if any(backend.why_not(op, device_type, torch.float32) is not None for op in ops):
             continue
 
         def run(name=name):
