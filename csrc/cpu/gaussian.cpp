@@ -11,7 +11,6 @@
 // added in block order in double, so the result has the same bits run after run and
 // for any thread count.
 #include <ATen/Parallel.h>
-#include <ATen/TensorUtils.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,6 +18,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../matrix_rows.h"
 #include "../cuda/gaussian.h"
 #include "../ops.h"
 #include "normal_block.h"
@@ -30,30 +30,6 @@ namespace {
 constexpr int64_t kBlock = kMaxNormalBlock;  // elements per block: 2 KiB per float array, all in L1
 constexpr int64_t kGrainBlocks = 16;   // blocks per parallel task: 8K elements, about 20 us of work
 constexpr int64_t kLanes = 16;         // float32 partial sums per block (two AVX2 vectors)
-
-// An input seen as a (rows, cols) matrix in the output's row-major layout (cols = the
-// last dimension of mu). row_stride 0 repeats a row (a (D,) prior), col_stride 0 repeats
-// a value along a row (a (B, 1) prior or a scalar); a row-strided slice such as
-// h[:, :D] is read in place. Layouts that fit none of these are made contiguous.
-struct Rows {
-  at::Tensor tensor;
-  int64_t row_stride, col_stride;
-};
-
-Rows as_rows(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
-  const int64_t cols = shape.empty() ? 1 : shape.back();
-  const int64_t rows = cols == 0 ? 0 : c10::multiply_integers(shape) / cols;
-  const at::Tensor expanded = t.to(dtype).expand(shape);
-  if (rows > 0) {
-    const std::vector<int64_t> matrix = {rows, cols};
-    if (const auto strides = at::detail::computeStride(expanded.sizes(), expanded.strides(), at::IntArrayRef(matrix))) {
-      const int64_t row_stride = rows == 1 ? 0 : (*strides)[0];
-      const int64_t col_stride = cols == 1 ? 0 : (*strides)[1];
-      if (col_stride == 0 || col_stride == 1) return {expanded, row_stride, col_stride};
-    }
-  }
-  return {expanded.contiguous(), cols, 1};
-}
 
 template <typename T>
 struct Input {

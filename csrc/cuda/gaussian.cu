@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "../matrix_rows.h"
 #include "../philox.h"
 
 namespace fastvae::cuda {
@@ -212,30 +213,6 @@ void launch(void (*kernel)(Params...), int64_t blocks, int threads, Values... va
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastvae CUDA kernel: tensor too large");
   kernel<<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(values...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// An input seen as a (rows, cols) matrix in the output's row-major layout (cols = the last
-// dimension): row_stride 0 repeats a row (a (D,) prior), col_stride 0 a value along a row
-// (a (B, 1) prior, a scalar); a row-strided slice such as h[:, :D] is read in place.
-// Layouts that fit none of these are made contiguous. (The CPU kernels' as_rows too.)
-struct Rows {
-  at::Tensor tensor;
-  int64_t row_stride, col_stride;
-};
-
-Rows as_rows(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
-  const int64_t cols = shape.empty() ? 1 : shape.back();
-  const int64_t rows = cols == 0 ? 0 : c10::multiply_integers(shape) / cols;
-  const at::Tensor expanded = t.to(dtype).expand(shape);
-  if (rows > 0) {
-    const std::vector<int64_t> matrix = {rows, cols};
-    if (const auto strides = at::detail::computeStride(expanded.sizes(), expanded.strides(), at::IntArrayRef(matrix))) {
-      const int64_t row_stride = rows == 1 ? 0 : (*strides)[0];
-      const int64_t col_stride = cols == 1 ? 0 : (*strides)[1];
-      if (col_stride == 0 || col_stride == 1) return {expanded, row_stride, col_stride};
-    }
-  }
-  return {expanded.contiguous(), cols, 1};
 }
 
 double reduction_divisor(const std::string& reduction, const at::Tensor& like) {
