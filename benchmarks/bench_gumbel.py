@@ -1,13 +1,17 @@
-"""Gumbel column: gumbel_softmax (soft and hard) against F.gumbel_softmax eager and
-torch.compile, forward and forward+backward.
+"""Gumbel column: gumbel_softmax (soft and hard) against F.gumbel_softmax, and
+categorical_kl against the textbook log_softmax expression, eager and torch.compile,
+forward and forward+backward.
 
     python benchmarks/bench_gumbel.py [--device cuda] [--quick]
 
 Floor: forward reads the logits and writes the sample (2 tensors); backward reads one
 saved tensor and the output gradient and writes the logits' gradient (3 more). The saved
 tensor is the soft sample itself for hard=False (a softmax backward), the logits for
-hard=True (the noise is regenerated from the seed, never stored).
+hard=True (the noise is regenerated from the seed, never stored). categorical_kl reads
+the logits (forward), then reads them again and writes their gradient (backward).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +52,28 @@ def cases(args):
                     large = logits.numel() >= LARGE_ELEMENTS and not on_gpu
                     yield Case(op, shape, candidates, bytes_moved=moved, device=args.device, dtype=dtype, mode=mode,
                                max_samples=LARGE_SAMPLES if large else None)
+
+            yield from categorical_kl_cases(logits, size, args)
+
+
+def eager_categorical_kl(logits):
+    """KL(softmax(logits) || uniform) per row, batchmean: the dVAE's textbook term."""
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    return (log_p.exp() * (log_p + math.log(logits.shape[-1]))).sum() / logits.shape[0]
+
+
+def categorical_kl_cases(logits, size, args):
+    comp = compiled(eager_categorical_kl, args)
+    large = logits.numel() >= LARGE_ELEMENTS and not args.device.startswith("cuda")
+    # forward reads the logits once; backward reads them again and writes their gradient
+    for mode, moved, impl_ops, wrap in (
+            ("forward", size, ("categorical_kl",), lambda f: (lambda: f(logits))),
+            ("forward+backward", 3 * size, ("categorical_kl", "categorical_kl_backward"),
+             lambda f: forward_backward(f, logits))):
+        candidates = against_torch(wrap(fastvae.categorical_kl), wrap(eager_categorical_kl),
+                                   None if comp is None else wrap(comp), args.device, impl_ops)
+        yield Case("categorical_kl", tuple(logits.shape), candidates, bytes_moved=moved, device=args.device,
+                   dtype=logits.dtype, mode=mode, max_samples=LARGE_SAMPLES if large else None)
 
 
 if __name__ == "__main__":
