@@ -142,15 +142,24 @@ std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at
     scalar_t* gx = grad_logits.data_ptr<scalar_t>();
     scalar_t* gq = in.prior.defined() ? grads[1].data_ptr<scalar_t>() : nullptr;
     for_each_kl_row<scalar_t>(in, [&](int64_t row, const float* x, const float* q, const KLRow& r) {
-      const int64_t base = out_layout.offset(row), stride = out_layout.class_stride;
-      const float log_norm_q = r.q.max + r.q.log_sum, log_norm_p = r.p.max + r.p.log_sum;
+      thread_local std::vector<float> d_logits, d_prior;  // the row's gradients, then stored
+      d_logits.resize(in.classes);
+      d_prior.resize(in.classes);
+      float* __restrict dl = d_logits.data();
+      float* __restrict dq = d_prior.data();
+      const float log_norm_q = r.q.max + r.q.log_sum, log_norm_p = r.p.max + r.p.log_sum, g_row = g[row];
       // d/dq of -sum p log q is q sum(p) - p; sum(p) is 0 for a row with no mass (all -inf)
       const bool has_mass = r.p.log_sum != -kInf;
-      for (int64_t c = 0; c < in.classes; ++c) {
-        const float p = has_mass ? std::exp(x[c] - log_norm_p) : 0.0f;
-        const float d = p > 0.0f ? g[row] * p * ((x[c] - log_norm_p) - (q[c] - log_norm_q) - r.kl) : 0.0f;
-        gx[base + c * stride] = static_cast<scalar_t>(d);
-        if (gq) gq[base + c * stride] = static_cast<scalar_t>(g[row] * ((has_mass ? std::exp(q[c] - log_norm_q) : 0.0f) - p));
+      for (int64_t c = 0; c < in.classes; ++c) {  // selects, no branches: vectorises
+        const float log_p = x[c] - log_norm_p, log_q = q[c] - log_norm_q;
+        const float p = has_mass ? vecmath::exp(log_p) : 0.0f;
+        dl[c] = p > 0.0f ? g_row * p * (log_p - log_q - r.kl) : 0.0f;
+        dq[c] = g_row * ((has_mass ? vecmath::exp(log_q) : 0.0f) - p);
+      }
+      const int64_t base = out_layout.offset(row), stride = out_layout.class_stride;
+      for (int64_t c = 0; c < in.classes; ++c) gx[base + c * stride] = static_cast<scalar_t>(dl[c]);
+      if (gq) {
+        for (int64_t c = 0; c < in.classes; ++c) gq[base + c * stride] = static_cast<scalar_t>(dq[c]);
       }
     });
   });
