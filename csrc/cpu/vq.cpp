@@ -223,7 +223,12 @@ __attribute__((noinline)) void absorb_tile_again(const float* x, int64_t d, cons
                                                  int32_t code0, RowBest* state) {
   VecF acc[kTileRows][2];
   tile_values<kDim>(x, d, panel, sq_norm, acc);
-  for (int r = 0; r < kTileRows; ++r) absorb_panel(state[r], acc[r][0], acc[r][1], code0);
+  uint32_t woken = 0;  // usually one row: merge only those
+  for (int r = 0; r < kTileRows; ++r) woken |= any_lane(vmin(acc[r][0], acc[r][1]) < splat(state[r].thr)) << r;
+  for (; woken; woken &= woken - 1) {
+    const int r = __builtin_ctz(woken);
+    absorb_panel(state[r], acc[r][0], acc[r][1], code0);
+  }
 }
 
 // Rows x[0 .. kTileRows) against the panel of codes [code0, code0 + kPanel). kDim is d when
