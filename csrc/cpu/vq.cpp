@@ -11,7 +11,7 @@
 // panel (kept in L1), so memory is O(threads x block), never O(N x K).
 //
 // Each row keeps its best value, its index, its second best value and a threshold (see
-// RowBest). A tile that beats no row's threshold (about 96% of tiles at K = 16384, a third
+// RowBest). A tile that beats no row's threshold (about 96% of tiles at K = 16384, two thirds
 // at K = 512) costs one min and one compare per row; the others are merged branch-free.
 // D <= 16 unrolls the j loop and computes such a tile again out of line (cheaper than
 // keeping its accumulators alive); larger D merges in place.
