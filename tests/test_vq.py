@@ -80,7 +80,7 @@ def test_nearest_code_random(backend, n, k, d):
     assert_nearest(*fastvae.nearest_code(x, codebook), x, codebook)
 
 
-@pytest.mark.parametrize("n,k,d", [(1000, 512, 8), (200, 1000, 64), (5, 7, 3)])
+@pytest.mark.parametrize("n,k,d", [(1000, 512, 8), (200, 1000, 64), (5, 7, 3), (301, 700, 12), (97, 300, 33)])
 def test_nearest_code_clustered(backend, n, k, d):
     requires(backend, "nearest_code")
     x, codebook = clustered(n, k, d)
@@ -91,7 +91,7 @@ def test_nearest_code_clustered(backend, n, k, d):
     assert not any(int(i) in duplicate_of for i in indices), "a duplicate code beat its lower-index twin"
 
 
-@pytest.mark.parametrize("n,k,d", [(1000, 512, 8), (300, 1000, 64), (50, 7, 256)])
+@pytest.mark.parametrize("n,k,d", [(1000, 512, 8), (300, 1000, 64), (50, 7, 256), (301, 700, 12), (97, 300, 33)])
 def test_nearest_code_large_norms(backend, n, k, d):
     """||x|| ~ 1e3 with unit-scale gaps: ||e||^2 - 2 x.e in float32 loses the digits that rank."""
     requires(backend, "nearest_code")
@@ -103,6 +103,22 @@ def test_nearest_code_large_norms(backend, n, k, d):
     dist = brute_force(x, codebook)
     excess = dist.gather(1, naive[:, None]).squeeze(1) - dist.min(dim=1).values
     assert (excess > _NEAR_TIE * (d + 2) * dist.min(dim=1).values).any() or k == 7
+
+
+@pytest.mark.parametrize("d", [2, 8, 12, 64])
+def test_nearest_code_duplicates_far_apart(backend, d):
+    """A code repeated at far-apart indices (different tiles of codes): the first copy wins,
+    for rows on it and rows near it."""
+    requires(backend, "nearest_code")
+    k = 1000
+    codebook = torch.randn(k, d)
+    for copy in (37, 500, 999):
+        codebook[copy] = codebook[21]
+    x = codebook[21] + 1e-4 * torch.randn(203, d)
+    x[::2] = codebook[21]
+    indices, sq_dist = fastvae.nearest_code(x, codebook)
+    assert_nearest(indices, sq_dist, x, codebook)
+    assert (indices == 21).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,26 +1,35 @@
 // VQ column, C++ CPU kernels: exhaustive nearest-code search, vector_quantize forward and
 // backward.
 //
-// Search. Codes are ranked by v_k = ||e_k||^2 - 2 x.e_k (||x||^2 is constant per row), a
-// block of rows against a tile of codes at a time, so memory is O(threads x block x tile),
-// never O(N x K). Two paths compute v:
-//   * small D: a fused SIMD kernel, one row per SIMD lane, x held in registers for the
-//     whole code range, each code's D values broadcast (D a template parameter so the
-//     dot unrolls); a GEMM of inner size D <= 16 would spend its time writing and
-//     re-reading the (block x tile) product instead of computing.
-//   * larger D: at::mm of a row block against a code tile (float32, -2 folded into the
-//     codebook once, exact since it is a power of two) into a per-thread buffer that
-//     stays in L2, then a scan adding ||e||^2. Threads split the rows.
-// Each row keeps the best v, its index and the second best v (GEMM path: per SIMD lane,
-// merged at the end with ties to the lowest index).
+// Search. Codes are ranked by v_k = ||e_k||^2 - 2 x.e_k (||x||^2 is constant per row). The
+// codebook is packed once per call into panels of kPanel codes (-2 e, exact since -2 is a
+// power of two, stored [panel][j][code] so one panel row is two SIMD registers). A register
+// tile of kTileRows rows x one panel is a GEMM microkernel: per j, two code vectors and one
+// broadcast x value feed 2 x kTileRows FMAs into accumulators that never leave registers,
+// for any D (faiss and at::mm write the (rows x codes) product to memory and scan it
+// again). Threads split the rows into blocks; a block (kept in L2) passes over every
+// panel (kept in L1), so memory is O(threads x block), never O(N x K).
+//
+// Each row keeps its best value, its index, its second best value and a threshold (see
+// RowBest). A tile that beats no row's threshold (about 96% of tiles at K = 16384, two thirds
+// at K = 512) costs one min and one compare per row; the others are merged branch-free.
+// D <= 16 unrolls the j loop and computes such a tile again out of line (cheaper than
+// keeping its accumulators alive); larger D merges in place.
 //
 // Exactness. With large ||x|| the expansion loses digits: its rounding error is at most
-// B = (D + 4) u (max ||e||^2 + 2 ||x|| max ||e||), u = 2^-24. When the second best v is
-// more than 2B above the best, the best is the exact argmin; otherwise (genuine or
-// rounding-level near-ties, large norms) the row is searched again with the exact
-// float32 (x - e)^2 over all codes, ties to the lowest index. The returned sq_dist is
-// always the exact float32 (x - e)^2 of the winner, never the expansion.
+// B = (D + 4) u (max ||e||^2 + 2 ||x|| max ||e||), u = 2^-24, when the norm is added to the
+// dot product (any order) at the end, and (2D + 4) u (...) when it starts the sum (small D:
+// each of the D roundings then applies to a partial sum bounded by the same max). When the second best v is more than 2B above the
+// best, the best is the exact argmin; otherwise (ties, genuine or rounding-level near-ties,
+// large norms) the row is searched again with the exact float32 (x - e)^2 over all codes,
+// ties to the lowest index. An equal value arriving later makes the gap 0, so the order
+// in which codes are absorbed never decides a tie. The returned sq_dist is always the
+// exact float32 (x - e)^2 of the winner, never the expansion.
 #include <ATen/Parallel.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -45,18 +54,47 @@ constexpr int kLanes = 8;
 typedef float VecF __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
 typedef int32_t VecI __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
 
-constexpr int64_t kFusedMaxDim = 16;   // D up to this uses the fused kernel
-constexpr int64_t kRowBlock = 256;     // rows per task
-constexpr int64_t kTileBytes = 1 << 18;  // codebook tile (fused) / product buffer (GEMM) per task
+constexpr int kPanel = 2 * kLanes;  // codes per panel: two registers per row
+// Rows per register tile: 2 x 6 accumulators, 2 code vectors and 1 broadcast fill the 16
+// AVX2 registers.
+constexpr int kTileRows = 6;
+constexpr int64_t kRowBlock = 252;  // rows per task, a multiple of kTileRows: 252 KiB of x at D = 256
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
 
-inline VecF splat(float v) { return VecF{} + v; }
+inline VecF splat(float v) {  // one broadcast (VecF{} + v adds 0 first, since -0 + 0 is +0)
+#if defined(__AVX512F__)
+  return reinterpret_cast<VecF>(_mm512_set1_ps(v));
+#elif defined(__AVX2__)
+  return reinterpret_cast<VecF>(_mm256_set1_ps(v));
+#else
+  return VecF{} + v;
+#endif
+}
+inline VecF load(const float* p) { return *reinterpret_cast<const VecF*>(p); }
 
-inline VecI lane_iota() {
-  VecI out;
-  for (int l = 0; l < kLanes; ++l) out[l] = l;
-  return out;
+inline bool any_lane(VecI mask) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask(reinterpret_cast<__m512i>(mask), reinterpret_cast<__m512i>(mask)) != 0;
+#elif defined(__AVX2__)
+  return !_mm256_testz_si256(reinterpret_cast<__m256i>(mask), reinterpret_cast<__m256i>(mask));
+#else
+  for (int l = 0; l < kLanes; ++l)
+    if (mask[l]) return true;
+  return false;
+#endif
+}
+
+inline uint32_t lane_bits(VecI mask) {  // bit l set where lane l is set
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask(reinterpret_cast<__m512i>(mask), reinterpret_cast<__m512i>(mask));
+#elif defined(__AVX2__)
+  return static_cast<uint32_t>(_mm256_movemask_ps(reinterpret_cast<__m256>(mask)));
+#else
+  uint32_t bits = 0;
+  for (int l = 0; l < kLanes; ++l) bits |= (mask[l] ? 1u : 0u) << l;
+  return bits;
+#endif
 }
 
 // Exact float32 squared distance ||x - e||^2, or ||x||^2 when e is null (fixed summation
@@ -65,8 +103,8 @@ inline float exact_sq_dist(const float* x, const float* e, int64_t d) {
   VecF acc = splat(0.f);
   int64_t j = 0;
   for (; j + kLanes <= d; j += kLanes) {
-    VecF diff = *reinterpret_cast<const VecF*>(x + j);
-    if (e) diff -= *reinterpret_cast<const VecF*>(e + j);
+    VecF diff = load(x + j);
+    if (e) diff -= load(e + j);
     acc += diff * diff;
   }
   float sum = 0.f;
@@ -78,64 +116,143 @@ inline float exact_sq_dist(const float* x, const float* e, int64_t d) {
   return sum;
 }
 
-// The running per-lane search state of one row.
-struct RowState {
-  VecF best, second;
-  VecI index;
-  void reset() {
-    best = second = splat(kInf);
-    index = VecI{} + 0;
-  }
-  // Lane l sees codes base + l; strict < keeps the lowest index of equal values.
-  inline void update(VecF v, VecI codes) {
-    auto better = v < best;
-    second = better ? best : (v < second ? v : second);
-    best = better ? v : best;
-    index = better ? codes : index;
-  }
-};
-
-struct Winner {
-  int64_t index;
-  float best, gap;  // best expansion value, second best minus best
-};
-
-inline Winner merge_lanes(const RowState& s) {
-  float best = kInf;
-  int32_t index = std::numeric_limits<int32_t>::max();
-  int winner_lane = 0;
-  for (int l = 0; l < kLanes; ++l)
-    if (s.best[l] < best || (s.best[l] == best && s.index[l] < index)) best = s.best[l], index = s.index[l], winner_lane = l;
-  float second = kInf;
-  for (int l = 0; l < kLanes; ++l) second = std::min(second, l == winner_lane ? s.second[l] : s.best[l]);
-  if (best == kInf) index = 0;  // only when every value is inf/NaN: argmin of garbage, keep it in range
-  return {index, best, second - best};
-}
-
-// The codebook in float32 with what both search paths need, prepared once per call.
+// The codebook in float32, packed for the search, prepared once per call.
 struct Codebook {
-  int64_t num_codes, dim;
-  at::Tensor rows;            // (K, D) float32: exact values for re-ranking
-  at::Tensor minus2;          // (K, D) -2 * rows
-  std::vector<float> sq_norm;  // (K) ||e_k||^2 in float32
+  int64_t num_codes, dim, panels;
+  at::Tensor rows;             // (K, D) float32: exact values for the final distances
+  std::vector<float> packed;   // (panels, D, kPanel) -2 e; padding codes are 0
+  std::vector<float> sq_norm;  // (panels * kPanel) ||e_k||^2; +inf for padding codes, which never win
   double max_sq_norm = 0, max_norm = 0;
 
   explicit Codebook(const at::Tensor& codebook)
-      : num_codes(codebook.size(0)), dim(codebook.size(1)) {
+      : num_codes(codebook.size(0)), dim(codebook.size(1)), panels((num_codes + kPanel - 1) / kPanel) {
     rows = codebook.to(at::kFloat).contiguous();
     const float* e = rows.data_ptr<float>();
-    sq_norm.resize(num_codes);
+    packed.assign(panels * dim * kPanel, 0.f);
+    sq_norm.assign(panels * kPanel, kInf);
     for (int64_t k = 0; k < num_codes; ++k) {
+      float* dst = packed.data() + (k / kPanel) * dim * kPanel + k % kPanel;
       float s = 0.f;
-      for (int64_t j = 0; j < dim; ++j) s += e[k * dim + j] * e[k * dim + j];
+      for (int64_t j = 0; j < dim; ++j) {
+        s += e[k * dim + j] * e[k * dim + j];
+        dst[j * kPanel] = -2.f * e[k * dim + j];
+      }
       sq_norm[k] = s;
       max_sq_norm = std::max(max_sq_norm, static_cast<double>(s));
     }
     max_norm = std::sqrt(max_sq_norm);
-    minus2 = rows * -2.0;
   }
   const float* code(int64_t k) const { return rows.data_ptr<float>() + k * dim; }
 };
+
+// A row's search state. Only values below thr can change the answer: a new best, or a
+// runner-up within slack (a bit over 2B) of the best; anything else is more than 2B above
+// the final best and so never decides it. thr is best + slack once the best is known,
+// far below second on most rows, so few panels wake the slow path.
+struct RowBest {
+  float best, second;  // the smallest value absorbed, and the next (may equal best)
+  float thr, slack;
+  int32_t index;  // the code of best
+};
+
+inline VecF vmin(VecF a, VecF b) { return a < b ? a : b; }
+
+inline float horizontal_min(VecF v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_min_ps(reinterpret_cast<__m512>(v));
+#elif defined(__AVX2__)
+  __m256 m = reinterpret_cast<__m256>(v);
+  m = _mm256_min_ps(m, _mm256_permute2f128_ps(m, m, 1));
+  m = _mm256_min_ps(m, _mm256_permute_ps(m, 0x4e));
+  m = _mm256_min_ps(m, _mm256_permute_ps(m, 0xb1));
+  return _mm256_cvtss_f32(m);
+#else
+  float m = v[0];
+  for (int l = 1; l < kLanes; ++l) m = std::min(m, v[l]);
+  return m;
+#endif
+}
+
+// Merges a panel's values v0 (codes code0 + l), v1 (code0 + kLanes + l) into s: its two
+// smallest, without a data-dependent branch (a panel that gets here is a coin flip).
+__attribute__((always_inline)) inline void absorb_panel(RowBest& s, VecF v0, VecF v1, int32_t code0) {
+  const float first = horizontal_min(vmin(v0, v1));
+  const VecF splat_first = splat(first);
+  const uint32_t at = lane_bits(v0 == splat_first) | lane_bits(v1 == splat_first) << kLanes;
+  const int c = at ? __builtin_ctz(at) : 0;  // none only when first is NaN
+  VecI lane;
+  for (int l = 0; l < kLanes; ++l) lane[l] = l;
+  const VecF inf = splat(kInf);
+  const float next = horizontal_min(vmin(lane == c ? inf : v0, lane + kLanes == c ? inf : v1));
+  const bool better = first < s.best;
+  const float second = better ? std::min(s.best, next) : std::min(s.second, first);
+  const float best = std::min(s.best, first);
+  s.index = better ? code0 + c : s.index;
+  s.best = best, s.second = second, s.thr = std::min(second, best + s.slack);
+}
+
+// The expansion values of rows x[0 .. kTileRows) (row r at x + r * d) against one panel:
+// acc[r][h] holds codes h * kLanes + l.
+template <int kDim>
+__attribute__((always_inline)) inline void tile_values(const float* x, int64_t d, const float* panel,
+                                                       const float* sq_norm, VecF (&acc)[kTileRows][2]) {
+  if constexpr (kDim > 0) d = kDim;
+  // Small D: the norms start the sums (12 adds fewer, and a shorter path to the check, on
+  // a tile of only 12 D FMAs); larger D adds them at the end.
+  const VecF start0 = kDim > 0 ? load(sq_norm) : splat(0.f), start1 = kDim > 0 ? load(sq_norm + kLanes) : splat(0.f);
+  for (int r = 0; r < kTileRows; ++r) acc[r][0] = start0, acc[r][1] = start1;
+  auto step = [&](int64_t j) {
+    const VecF e0 = load(panel + j * kPanel), e1 = load(panel + j * kPanel + kLanes);
+    for (int r = 0; r < kTileRows; ++r) {
+      const VecF xr = splat(x[r * d + j]);
+      acc[r][0] += xr * e0;
+      acc[r][1] += xr * e1;
+    }
+  };
+  if constexpr (kDim > 0) {
+#pragma GCC unroll 16
+    for (int j = 0; j < kDim; ++j) step(j);
+  } else {
+#pragma GCC unroll 2
+    for (int64_t j = 0; j < d; ++j) step(j);
+    const VecF n0 = load(sq_norm), n1 = load(sq_norm + kLanes);
+    for (int r = 0; r < kTileRows; ++r) acc[r][0] += n0, acc[r][1] += n1;
+  }
+}
+
+// Small D: the rare tile that beats a threshold is computed again out of line, so the fast
+// path need not keep (spill) its accumulators for it.
+template <int kDim>
+__attribute__((noinline)) void absorb_tile_again(const float* x, int64_t d, const float* panel, const float* sq_norm,
+                                                 int32_t code0, RowBest* state) {
+  VecF acc[kTileRows][2];
+  tile_values<kDim>(x, d, panel, sq_norm, acc);
+  uint32_t woken = 0;  // usually one row: merge only those
+  for (int r = 0; r < kTileRows; ++r) woken |= any_lane(vmin(acc[r][0], acc[r][1]) < splat(state[r].thr)) << r;
+  for (; woken; woken &= woken - 1) {
+    const int r = __builtin_ctz(woken);
+    absorb_panel(state[r], acc[r][0], acc[r][1], code0);
+  }
+}
+
+// Rows x[0 .. kTileRows) against the panel of codes [code0, code0 + kPanel). kDim is d when
+// it is small enough to unroll completely, else 0.
+template <int kDim>
+__attribute__((always_inline)) inline void search_tile(const float* x, int64_t d, const float* panel,
+                                                       const float* sq_norm, int32_t code0, RowBest* state) {
+  VecF acc[kTileRows][2];
+  tile_values<kDim>(x, d, panel, sq_norm, acc);
+  VecI hit = VecI{};
+  for (int r = 0; r < kTileRows; ++r) hit |= vmin(acc[r][0], acc[r][1]) < splat(state[r].thr);
+  if (__builtin_expect(!any_lane(hit), 1)) return;
+  if constexpr (kDim > 0) {
+    absorb_tile_again<kDim>(x, d, panel, sq_norm, code0, state);
+  } else {
+    for (int r = 0; r < kTileRows; ++r) absorb_panel(state[r], acc[r][0], acc[r][1], code0);
+  }
+}
+
+constexpr int kUnrolledMaxDim = 16;  // D up to this: a tile kernel with the j loop unrolled
 
 // Rows [begin, end) of x as float32: a view of x itself when it is float32, else converted.
 template <typename scalar_t>
@@ -149,113 +266,68 @@ const float* rows_as_float(const scalar_t* x, int64_t begin, int64_t end, int64_
   }
 }
 
-// Fused small-D kernel: the rows of one SIMD register (lane l: row l, stored transposed
-// as xt[j * kLanes + l]) absorb codes [k0, k1), four codes' dot products in flight at a
-// time (4 measured fastest on AVX2; skipping the bookkeeping when no lane improves was
-// slower, not faster).
-template <int D>
-void fused_search_rows(const Codebook& cb, const float* xt, int64_t k0, int64_t k1, RowState& state) {
-  constexpr int kUnroll = 4;
-  VecF x[D];
-  for (int j = 0; j < D; ++j) x[j] = *reinterpret_cast<const VecF*>(xt + j * kLanes);
-  const float* em2 = cb.minus2.data_ptr<float>();
-  const float* sq_norm = cb.sq_norm.data();
-  VecF best = state.best, second = state.second;
-  VecI index = state.index;
-  auto expansion = [&](int64_t code) {  // ||e||^2 - 2 x.e for every lane, in two FMA chains
-    const float* e = em2 + code * D;
-    VecF even = VecF{} + sq_norm[code], odd = VecF{};
-    for (int j = 0; j < D; j += 2) {
-      even += e[j] * x[j];
-      if (j + 1 < D) odd += e[j + 1] * x[j + 1];
-    }
-    return even + odd;
-  };
-  auto absorb = [&](VecF v, int64_t code) {
-    auto better = v < best;  // strict: ties keep the lower index
-    index = better ? (VecI{} + static_cast<int32_t>(code)) : index;
-    VecF displaced = best < v ? v : best;  // max(best, v)
-    second = displaced < second ? displaced : second;
-    best = better ? v : best;
-  };
-  int64_t k = k0;
-  for (; k + kUnroll <= k1; k += kUnroll) {
-    VecF v[kUnroll];
-    for (int u = 0; u < kUnroll; ++u) v[u] = expansion(k + u);
-    for (int u = 0; u < kUnroll; ++u) absorb(v[u], k + u);
-  }
-  for (; k < k1; ++k) absorb(expansion(k), k);
-  state.best = best, state.second = second, state.index = index;
+// Rounding bound B of a row's expansion values (see the top of the file).
+inline double rounding_bound(const Codebook& cb, const float* xrow) {
+  const double x_norm = std::sqrt(static_cast<double>(exact_sq_dist(xrow, nullptr, cb.dim)));
+  const int64_t terms = cb.dim <= kUnrolledMaxDim ? 2 * cb.dim + 4 : cb.dim + 4;
+  return terms * kUnitRoundoff * (cb.max_sq_norm + 2.0 * x_norm * cb.max_norm);
 }
 
-using FusedSearchRows = void (*)(const Codebook&, const float*, int64_t, int64_t, RowState&);
+inline RowBest initial_state(const Codebook& cb, const float* xrow) {
+  // slack > 2B even after float rounding of best + slack (|best| <= max ||e||^2 + 2 ||x|| max ||e||);
+  // a non-finite bound (inf or NaN input) leaves thr = second.
+  const double bound = rounding_bound(cb, xrow);
+  const double slack = 2.0 * bound * (1.0 + 4.0 / (cb.dim + 4)) + std::numeric_limits<float>::min();
+  return {kInf, kInf, kInf, slack < 1e30 ? static_cast<float>(slack) : kInf, 0};
+}
+
+// One row block (rows <= kRowBlock) against every panel: panels outermost so each stays
+// in L1 while the block's tiles pass over it. A last partial tile reads a padded copy.
+template <int kDim>
+void search_block(const Codebook& cb, const float* xf, int64_t rows, std::vector<float>& pad, RowBest* state) {
+  const int64_t d = cb.dim, full = rows / kTileRows * kTileRows;
+  for (int64_t r = 0; r < rows; ++r) state[r] = initial_state(cb, xf + r * d);
+  const float* tail = nullptr;
+  RowBest tail_state[kTileRows];
+  if (full < rows) {
+    pad.resize(kTileRows * d);
+    for (int64_t r = 0; r < kTileRows; ++r) {  // missing rows repeat the last one
+      const int64_t src = std::min(full + r, rows - 1);
+      std::memcpy(pad.data() + r * d, xf + src * d, d * sizeof(float));
+      tail_state[r] = state[src];
+    }
+    tail = pad.data();
+  }
+  for (int64_t p = 0; p < cb.panels; ++p) {
+    const float* panel = cb.packed.data() + p * d * kPanel;
+    const float* sq_norm = cb.sq_norm.data() + p * kPanel;
+    const auto code0 = static_cast<int32_t>(p * kPanel);
+    for (int64_t r = 0; r < full; r += kTileRows)
+      search_tile<kDim>(xf + r * d, d, panel, sq_norm, code0, state + r);
+    if (tail) search_tile<kDim>(tail, d, panel, sq_norm, code0, tail_state);
+  }
+  for (int64_t r = full; r < rows; ++r) state[r] = tail_state[r - full];
+}
+
+using SearchBlock = void (*)(const Codebook&, const float*, int64_t, std::vector<float>&, RowBest*);
 
 template <size_t... Dims>
-constexpr std::array<FusedSearchRows, sizeof...(Dims)> fused_kernels(std::index_sequence<Dims...>) {
-  return {&fused_search_rows<static_cast<int>(Dims) + 1>...};
-}
-
-// Fused path over one row block: code tiles outermost so a tile stays in L2 while every
-// group of kLanes rows passes over it.
-void fused_search_block(const Codebook& cb, const float* xf, int64_t rows, int64_t tile_codes,
-                        std::vector<float>& transposed, std::vector<RowState>& states, Winner* winners) {
-  static constexpr auto kernels = fused_kernels(std::make_index_sequence<kFusedMaxDim>());
-  const FusedSearchRows kernel = kernels[cb.dim - 1];
-  const int64_t d = cb.dim, groups = (rows + kLanes - 1) / kLanes;
-  transposed.resize(groups * d * kLanes);
-  for (int64_t g = 0; g < groups; ++g) {
-    states[g].reset();
-    for (int64_t l = 0; l < kLanes; ++l) {  // missing rows repeat the last one (never read back)
-      const float* row = xf + std::min(g * kLanes + l, rows - 1) * d;
-      for (int64_t j = 0; j < d; ++j) transposed[(g * d + j) * kLanes + l] = row[j];
-    }
-  }
-  for (int64_t k0 = 0; k0 < cb.num_codes; k0 += tile_codes)
-    for (int64_t g = 0; g < groups; ++g)
-      kernel(cb, transposed.data() + g * d * kLanes, k0, std::min(cb.num_codes, k0 + tile_codes), states[g]);
-  for (int64_t r = 0; r < rows; ++r) {
-    const RowState& s = states[r / kLanes];
-    const int l = static_cast<int>(r % kLanes);
-    winners[r] = {s.index[l], s.best[l], s.second[l] - s.best[l]};
-  }
-}
-
-// GEMM path: states absorb codes [k0, k0 + width) given product = -2 x.e for them.
-void scan_product(const Codebook& cb, const float* product, int64_t rows, int64_t k0, int64_t width,
-                  RowState* states) {
-  const VecI iota = lane_iota();
-  for (int64_t r = 0; r < rows; ++r) {
-    RowState s = states[r];
-    const float* p = product + r * width;
-    int64_t k = 0;
-    for (; k + kLanes <= width; k += kLanes)
-      s.update(*reinterpret_cast<const VecF*>(p + k) + *reinterpret_cast<const VecF*>(cb.sq_norm.data() + k0 + k),
-               iota + static_cast<int32_t>(k0 + k));
-    if (k < width) {  // tail: pad with +inf, which never wins
-      VecF v = splat(kInf);
-      for (int64_t l = 0; k + l < width; ++l) v[l] = p[k + l] + cb.sq_norm[k0 + k + l];
-      s.update(v, iota + static_cast<int32_t>(k0 + k));
-    }
-    states[r] = s;
-  }
+constexpr std::array<SearchBlock, sizeof...(Dims) + 1> block_kernels(std::index_sequence<Dims...>) {
+  return {&search_block<0>, &search_block<static_cast<int>(Dims) + 1>...};
 }
 
 // Finishes a row: the certain winner, or an exact float32 scan when the gap is within
 // the expansion's rounding bound.
-inline void finish_row(const Codebook& cb, const float* xrow, const Winner& w, int64_t* index_out,
+inline void finish_row(const Codebook& cb, const float* xrow, const RowBest& s, int64_t* index_out,
                        float* dist_out) {
-  const double x_norm = std::sqrt(static_cast<double>(exact_sq_dist(xrow, nullptr, cb.dim)));
-  const double bound = (cb.dim + 4) * kUnitRoundoff * (cb.max_sq_norm + 2.0 * x_norm * cb.max_norm);
-  if (static_cast<double>(w.gap) > 2.0 * bound) {
-    *index_out = w.index;
-    *dist_out = exact_sq_dist(xrow, cb.code(w.index), cb.dim);
-    return;
-  }
-  float best = kInf;
-  int64_t index = 0;
-  for (int64_t k = 0; k < cb.num_codes; ++k) {
-    const float dist = exact_sq_dist(xrow, cb.code(k), cb.dim);
-    if (dist < best) best = dist, index = k;
+  int64_t index = s.index;
+  if (!(static_cast<double>(s.second) - static_cast<double>(s.best) > 2.0 * rounding_bound(cb, xrow))) {
+    float best = kInf;
+    index = 0;
+    for (int64_t k = 0; k < cb.num_codes; ++k) {
+      const float dist = exact_sq_dist(xrow, cb.code(k), cb.dim);
+      if (dist < best) best = dist, index = k;
+    }
   }
   *index_out = index;
   *dist_out = exact_sq_dist(xrow, cb.code(index), cb.dim);
@@ -264,37 +336,21 @@ inline void finish_row(const Codebook& cb, const float* xrow, const Winner& w, i
 // Nearest code of every row of x (N, D): writes indices and float32 squared distances.
 void search(const at::Tensor& x, const at::Tensor& codebook, int64_t* indices, float* sq_dist) {
   const int64_t n = x.size(0), d = x.size(1);
-  const bool fused = d >= 1 && d <= kFusedMaxDim;
   const Codebook cb(codebook);
-  // Codes per tile: fused, a codebook tile of kTileBytes; GEMM, a product buffer of kTileBytes.
-  const int64_t tile_codes = std::max<int64_t>(kLanes, kTileBytes / ((fused ? d + 1 : kRowBlock) * 4));
+  static constexpr auto kernels = block_kernels(std::make_index_sequence<kUnrolledMaxDim>());
+  const SearchBlock search_block = kernels[d <= kUnrolledMaxDim ? d : 0];
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   FASTVAE_DISPATCH_FLOATS(x.scalar_type(), "nearest_code", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-      std::vector<float> scratch, transposed;
-      std::vector<RowState> states(kRowBlock);
-      std::vector<Winner> winners(kRowBlock);
-      at::Tensor product;
-      if (!fused) product = at::empty({kRowBlock * tile_codes}, at::kFloat);
+      std::vector<float> scratch, pad;
+      std::vector<RowBest> state(kRowBlock);
       for (int64_t block = block_begin; block < block_end; ++block) {
         const int64_t begin = block * kRowBlock, end = std::min(n, begin + kRowBlock), rows = end - begin;
         const float* xf = rows_as_float(xp, begin, end, d, scratch);
-        if (fused) {
-          fused_search_block(cb, xf, rows, tile_codes, transposed, states, winners.data());
-        } else {
-          for (int64_t r = 0; r < rows; ++r) states[r].reset();
-          const at::Tensor xblock = at::from_blob(const_cast<float*>(xf), {rows, d}, at::kFloat);
-          for (int64_t k0 = 0; k0 < cb.num_codes; k0 += tile_codes) {
-            const int64_t width = std::min(tile_codes, cb.num_codes - k0);
-            at::Tensor out = product.narrow(0, 0, rows * width).view({rows, width});
-            at::mm_out(out, xblock, cb.minus2.narrow(0, k0, width).t());
-            scan_product(cb, out.data_ptr<float>(), rows, k0, width, states.data());
-          }
-          for (int64_t r = 0; r < rows; ++r) winners[r] = merge_lanes(states[r]);
-        }
+        search_block(cb, xf, rows, pad, state.data());
         for (int64_t r = 0; r < rows; ++r)
-          finish_row(cb, xf + r * d, winners[r], indices + begin + r, sq_dist + begin + r);
+          finish_row(cb, xf + r * d, state[r], indices + begin + r, sq_dist + begin + r);
       }
     });
   });
@@ -305,8 +361,8 @@ void check_inputs(const at::Tensor& x, const at::Tensor& codebook) {
   check_cpu(codebook, "codebook");
   TORCH_CHECK(x.dim() == 2 && codebook.dim() == 2 && x.size(1) == codebook.size(1),
               "nearest_code: x must be (N, D) and codebook (K, D)");
-  TORCH_CHECK(codebook.size(0) >= 1 && codebook.size(0) < std::numeric_limits<int32_t>::max() - kLanes,
-              "nearest_code: the codebook needs 1 to 2^31 - 32 codes");
+  TORCH_CHECK(codebook.size(0) >= 1 && codebook.size(0) <= std::numeric_limits<int32_t>::max() - 64,
+              "nearest_code: the codebook needs 1 to 2^31 - 65 codes");  // int32 indices, padded panels
   TORCH_CHECK(x.scalar_type() == codebook.scalar_type(), "nearest_code: x and codebook must share a dtype");
 }
 
