@@ -386,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor&
   std::vector<float> sq_dist(n);
   search(xc, cbc, indices.data_ptr<int64_t>(), sq_dist.data());
   // Gather the winners (bit copies of codebook rows, never a one-hot product).
-  at::Tensor quantized = at::empty({n, d}, x.options());
+  at::Tensor quantized = empty_output({n, d}, x.options());
   const int64_t row_bytes = d * static_cast<int64_t>(x.element_size());
   const char* src = static_cast<const char*>(cbc.data_ptr());
   char* dst = static_cast<char*>(quantized.data_ptr());
@@ -416,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& gr
   const float* ep = cbf.data_ptr<float>();
   const int64_t* idx = idx_t.data_ptr<int64_t>();
 
-  at::Tensor grad_x = at::empty({n, d}, xf.options());
+  at::Tensor grad_x = empty_output({n, d}, xf.options());
   float* gx = grad_x.data_ptr<float>();
   at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
