@@ -38,9 +38,17 @@ struct Input {
   bool flat = false;  // element i is data[i]
 
   Input() = default;
-  Input(const Rows& r, int64_t cols_)
-      : data(r.tensor.data_ptr<T>()), row_stride(r.row_stride), col_stride(r.col_stride), cols(cols_),
-        flat(r.tensor.is_contiguous()) {}  // broadcast (stride-0) dimensions are never contiguous
+  Input(const Rows& r, int64_t cols_)  // an undefined tensor: an operand this call never reads
+      : data(r.tensor.defined() ? r.tensor.data_ptr<T>() : nullptr), row_stride(r.row_stride),
+        col_stride(r.col_stride), cols(cols_),
+        flat(r.tensor.defined() && r.tensor.is_contiguous()) {}  // broadcast dims are never contiguous
+
+  // Asks for elements [begin, end)'s cache lines ahead of use, so that their loads
+  // overlap the noise generation rather than follow it.
+  void prefetch(int64_t begin, int64_t end) const {
+    if (!flat) return;
+    for (int64_t i = begin; i < end; i += 64 / sizeof(T)) __builtin_prefetch(data + i);
+  }
 
   // Elements [begin, end) as float32: in place when possible, else through `scratch`.
   const float* load(int64_t begin, int64_t end, float* scratch) const {
@@ -68,6 +76,10 @@ struct Input {
 template <typename T>
 struct Output {
   T* data = nullptr;
+
+  void prefetch(int64_t begin, int64_t end) const {
+    for (int64_t i = begin; i < end; i += 64 / sizeof(T)) __builtin_prefetch(data + i, 1);
+  }
 
   float* view(int64_t begin, float* scratch) const {
     if constexpr (std::is_same_v<T, float>) return data + begin;
@@ -206,6 +218,13 @@ double reduction_divisor(Reduction reduction, const at::Tensor& mu) {
   return 1.0;
 }
 
+// The prior operand `t` for a call against a prior (a missing part is 0: mean 0 or
+// log-variance 0); nothing for a call against N(0, I), which never reads it.
+Rows prior_rows(const at::Tensor& t, bool prior, const at::Tensor& like) {
+  if (!prior) return Rows{};
+  return as_rows(t.defined() ? t : at::zeros({}, like.options()), like.sizes(), like.scalar_type());
+}
+
 // Runs body(begin, len, scratch) over all blocks in parallel; returns the block count.
 template <typename Body>
 int64_t for_each_block(int64_t n, const Body& body) {
@@ -232,10 +251,8 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
   at::Tensor z = fw.sample ? empty_output(shape, fw.mu.options()) : at::Tensor();
   at::Tensor kl = fw.kl ? empty_output(fw.reduction == Reduction::kNone ? shape : at::IntArrayRef{}, fw.mu.options())
                         : at::Tensor();
-  const at::Tensor zero = at::zeros({}, fw.mu.options());
   const Rows mu_rows = as_rows(fw.mu, shape, dtype), lv_rows = as_rows(fw.logvar, shape, dtype);
-  const Rows pm_rows = as_rows(fw.prior_mu.defined() ? fw.prior_mu : zero, shape, dtype);
-  const Rows plv_rows = as_rows(fw.prior_logvar.defined() ? fw.prior_logvar : zero, shape, dtype);
+  const Rows pm_rows = prior_rows(fw.prior_mu, prior, fw.mu), plv_rows = prior_rows(fw.prior_logvar, prior, fw.mu);
   std::vector<double> partials(fw.kl && fw.reduction != Reduction::kNone ? (n + kBlock - 1) / kBlock : 0);
   FASTVAE_DISPATCH_FLOATS(dtype, "gaussian_forward", [&] {
     const Input<scalar_t> mu(mu_rows, cols), lv(lv_rows, cols), pm(pm_rows, cols), plv(plv_rows, cols);
@@ -244,6 +261,11 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
     for_each_block(n, [&](int64_t block, int64_t begin, int64_t len) {
       alignas(64) float s_mu[kBlock], s_lv[kBlock], s_pm[kBlock], s_plv[kBlock], eps[kBlock], s_z[kBlock],
           s_kl[kBlock + kLanes];
+      if (fw.sample) {  // float32 loads are deferred to the arithmetic, after the noise
+        mu.prefetch(begin, begin + len);
+        lv.prefetch(begin, begin + len);
+        z_out.prefetch(begin, begin + len);
+      }
       const float* m = mu.load(begin, begin + len, s_mu);
       const float* v = lv.load(begin, begin + len, s_lv);
       float* klv = kl_out.data ? kl_out.view(begin, s_kl) : s_kl;
@@ -286,11 +308,11 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
   const bool sample = bw.grad_z.defined(), kl = bw.grad_kl.defined();
   const bool prior = bw.prior_mu.defined() || bw.prior_logvar.defined();
   const float scale = kl ? static_cast<float>(1.0 / reduction_divisor(bw.reduction, bw.logvar)) : 1.0f;
-  const at::Tensor zero = at::zeros({}, bw.logvar.options());
-  auto rows_of = [&](const at::Tensor& t) { return as_rows(t.defined() ? t : zero, shape, dtype); };
+  auto rows_of = [&](const at::Tensor& t) { return t.defined() ? as_rows(t, shape, dtype) : Rows{}; };
   const Rows gz_rows = rows_of(bw.grad_z), gk_rows = rows_of(bw.grad_kl), mu_rows = rows_of(bw.mu),
-             lv_rows = rows_of(bw.logvar), pm_rows = rows_of(bw.prior_mu), plv_rows = rows_of(bw.prior_logvar),
-             z_rows = rows_of(bw.z);
+             lv_rows = rows_of(bw.logvar), z_rows = rows_of(bw.z);
+  const Rows pm_rows = prior_rows(bw.prior_mu, prior, bw.logvar),
+             plv_rows = prior_rows(bw.prior_logvar, prior, bw.logvar);
   // Half-precision samples keep too few digits to recover the noise from (scaled_noise).
   const bool recover = sample && bw.z.defined() && bw.mu.defined() && dtype == at::kFloat;
   std::vector<at::Tensor> grads;
