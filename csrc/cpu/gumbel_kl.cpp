@@ -20,39 +20,52 @@ using vec8::VecF;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// KL(softmax(x) || softmax(q)) of one row, from rows loaded as float (padded with -inf to
-// a multiple of kLanes; a uniform prior is a row of zeros). Sums are taken centred on each
-// row's max so logits of any magnitude lose no precision.
-struct LogSoftmax {
-  float max, log_sum;  // log softmax(v) = v - max - log_sum; an all -inf row has sum 0
+// KL(softmax(x) || softmax(q)) of one row, from rows loaded as float and padded with -inf
+// to a multiple of kLanes; q is null for the uniform prior. Two sweeps: the maxima, then
+// one exp sweep for the sums and the weighted sum (the exponentials are kept for the
+// backward when it passes buffers). Sums are centred on each row's max, so logits of any
+// magnitude lose no precision: log softmax(x)_c = (x_c - x_max) - log_sum_p.
+struct KLRow {
+  float x_max = 0.0f, log_sum_p = -kInf, sum_p = 0.0f;  // an all -inf row has no mass: sum 0
+  float q_max = 0.0f, log_sum_q = 0.0f, sum_q = 0.0f;
+  float kl = 0.0f;
 };
 
-LogSoftmax log_softmax_of(const float* v, int64_t padded) {
+float row_max(const float* v, int64_t padded) {
   VecF top = vec8::splat(-kInf);
   for (int64_t c = 0; c < padded; c += kLanes) top = vec8::max(top, vec8::load(v + c));
-  const float m = vec8::horizontal_max(top);
-  if (m == -kInf) return {0.0f, -kInf};
-  VecF sum{};
-  for (int64_t c = 0; c < padded; c += kLanes) sum += vecmath::exp_nonpositive(vec8::load(v + c) - m);
-  return {m, std::log(vec8::horizontal_sum(sum))};
+  return vec8::horizontal_max(top);
 }
 
-struct KLRow {
-  LogSoftmax p, q;
-  float kl;
-};
-
-// Classes with p = 0 (masked logits) contribute 0 whatever q is.
-KLRow kl_of_row(const float* x, const float* q, int64_t padded) {
-  KLRow row{log_softmax_of(x, padded), log_softmax_of(q, padded), 0.0f};
-  if (row.p.log_sum == -kInf) return row;
-  VecF weighted{};
-  for (int64_t c = 0; c < padded; c += kLanes) {
-    const VecF xc = vec8::load(x + c) - row.p.max, qc = vec8::load(q + c) - row.q.max;
-    const VecF e = vecmath::exp_nonpositive(xc);
-    weighted += vec8::select(e > 0.0f, e * (xc - qc), VecF{});
+// Classes with p = 0 (masked logits) contribute 0 whatever q is. e_p / e_q: where not
+// null, exp(x - x_max) and exp(q - q_max) are stored there.
+KLRow kl_of_row(const float* x, const float* q, int64_t padded, int64_t classes, float* e_p, float* e_q) {
+  KLRow row;
+  row.x_max = row_max(x, padded);
+  if (row.x_max == -kInf) return row;
+  if (q != nullptr) {
+    row.q_max = row_max(q, padded);
+    if (row.q_max == -kInf) row.q_max = 0.0f;  // no prior mass: log q = -inf, KL = inf
   }
-  row.kl = vec8::horizontal_sum(weighted) * std::exp(-row.p.log_sum) - row.p.log_sum + row.q.log_sum;
+  VecF sum_p{}, sum_q{}, weighted{};
+  for (int64_t c = 0; c < padded; c += kLanes) {
+    const VecF xc = vec8::load(x + c) - row.x_max;
+    const VecF qc = q != nullptr ? vec8::load(q + c) - row.q_max : VecF{};
+    const VecF e = vecmath::exp_nonpositive(xc);
+    sum_p += e;
+    weighted += vec8::select(e > 0.0f, e * (xc - qc), VecF{});
+    if (e_p != nullptr) vec8::store(e_p + c, e);
+    if (q != nullptr) {
+      const VecF eq = vecmath::exp_nonpositive(qc);
+      sum_q += eq;
+      if (e_q != nullptr) vec8::store(e_q + c, eq);
+    }
+  }
+  row.sum_p = vec8::horizontal_sum(sum_p);
+  row.log_sum_p = std::log(row.sum_p);
+  row.sum_q = q != nullptr ? vec8::horizontal_sum(sum_q) : static_cast<float>(classes);
+  row.log_sum_q = std::log(row.sum_q);  // the uniform prior: log q_c = -log K
+  row.kl = vec8::horizontal_sum(weighted) / row.sum_p - row.log_sum_p + row.log_sum_q;
   return row;
 }
 
@@ -77,21 +90,26 @@ KLInputs kl_inputs(const at::Tensor& logits, const c10::optional<at::Tensor>& pr
   return in;
 }
 
-// Runs body(row, x_row, q_row, kl_row) over all rows, in parallel, with the rows as float.
+// Runs body(row, x_row, q_row, kl_row, e_p, e_q) over all rows in parallel, the rows as
+// float (q_row null for the uniform prior); with `keep_exp`, e_p and e_q hold the rows'
+// exponentials (kl_of_row), else they are null.
 template <typename scalar_t, typename Body>
-void for_each_kl_row(const KLInputs& in, const Body& body) {
+void for_each_kl_row(const KLInputs& in, bool keep_exp, const Body& body) {
   const scalar_t* x = in.x.data_ptr<scalar_t>();
   const scalar_t* prior = in.prior.defined() ? in.prior.data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, in.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(in.classes, 1)),
                    [&](int64_t begin, int64_t end) {
-    std::vector<float> x_row(in.padded), q_row(in.padded, 0.0f);
-    std::fill(q_row.begin() + in.classes, q_row.end(), -kInf);
+    std::vector<float> x_row(in.padded), q_row(prior ? in.padded : 0);
+    std::vector<float> e_p(keep_exp ? in.padded : 0), e_q(keep_exp && prior ? in.padded : 0);
     for (int64_t row = begin; row < end; ++row) {
       load_row(x + in.x_layout.offset(row), in.x_layout.class_stride, in.classes, in.padded, -kInf, x_row.data());
       if (prior)
         load_row(prior + in.prior_layout.offset(row), in.prior_layout.class_stride, in.classes, in.padded, -kInf,
                  q_row.data());
-      body(row, x_row.data(), q_row.data(), kl_of_row(x_row.data(), q_row.data(), in.padded));
+      float* ep = keep_exp ? e_p.data() : nullptr;
+      float* eq = keep_exp && prior ? e_q.data() : nullptr;
+      const float* q = prior ? q_row.data() : nullptr;
+      body(row, x_row.data(), q, kl_of_row(x_row.data(), q, in.padded, in.classes, ep, eq), ep, eq);
     }
   });
 }
@@ -104,7 +122,8 @@ at::Tensor categorical_kl(const at::Tensor& logits, const c10::optional<at::Tens
   auto kl = at::zeros({in.rows}, logits.options().dtype(at::kFloat));
   float* kl_out = kl.data_ptr<float>();
   FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "categorical_kl", [&] {
-    for_each_kl_row<scalar_t>(in, [&](int64_t row, const float*, const float*, const KLRow& r) { kl_out[row] = r.kl; });
+    for_each_kl_row<scalar_t>(in, false, [&](int64_t row, const float*, const float*, const KLRow& r, const float*,
+                                             const float*) { kl_out[row] = r.kl; });
   });
   if (reduction == "none") {
     auto shape = logits.sizes().vec();
@@ -141,25 +160,30 @@ std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at
   FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "categorical_kl_backward", [&] {
     scalar_t* gx = grad_logits.data_ptr<scalar_t>();
     scalar_t* gq = in.prior.defined() ? grads[1].data_ptr<scalar_t>() : nullptr;
-    for_each_kl_row<scalar_t>(in, [&](int64_t row, const float* x, const float* q, const KLRow& r) {
+    for_each_kl_row<scalar_t>(in, true, [&](int64_t row, const float* x, const float* q, const KLRow& r,
+                                            const float* e_p, const float* e_q) {
       thread_local std::vector<float> d_logits, d_prior;  // the row's gradients, then stored
-      d_logits.resize(in.classes);
-      d_prior.resize(in.classes);
-      float* __restrict dl = d_logits.data();
-      float* __restrict dq = d_prior.data();
-      const float log_norm_q = r.q.max + r.q.log_sum, log_norm_p = r.p.max + r.p.log_sum, g_row = g[row];
-      // d/dq of -sum p log q is q sum(p) - p; sum(p) is 0 for a row with no mass (all -inf)
-      const bool has_mass = r.p.log_sum != -kInf;
-      for (int64_t c = 0; c < in.classes; ++c) {  // selects, no branches: vectorises
-        const float log_p = x[c] - log_norm_p, log_q = q[c] - log_norm_q;
-        const float p = has_mass ? vecmath::exp(log_p) : 0.0f;
-        dl[c] = p > 0.0f ? g_row * p * (log_p - log_q - r.kl) : 0.0f;
-        dq[c] = g_row * ((has_mass ? vecmath::exp(log_q) : 0.0f) - p);
-      }
+      d_logits.assign(in.classes, 0.0f);
+      d_prior.assign(gq ? in.classes : 0, 0.0f);
       const int64_t base = out_layout.offset(row), stride = out_layout.class_stride;
-      for (int64_t c = 0; c < in.classes; ++c) gx[base + c * stride] = static_cast<scalar_t>(dl[c]);
+      if (r.sum_p > 0.0f) {  // a row with no mass (all -inf) has zero gradients
+        float* __restrict dl = d_logits.data();
+        const float g_row = g[row], inv_sum_p = 1.0f / r.sum_p;
+        for (int64_t c = 0; c < in.classes; ++c) {  // selects, no branches: vectorises
+          const float p = e_p[c] * inv_sum_p;
+          const float log_p = (x[c] - r.x_max) - r.log_sum_p;
+          const float log_q = (q != nullptr ? q[c] - r.q_max : 0.0f) - r.log_sum_q;
+          dl[c] = p > 0.0f ? g_row * p * (log_p - log_q - r.kl) : 0.0f;
+        }
+        if (gq) {  // d/dq of -sum p log q is q sum(p) - p
+          float* __restrict dq = d_prior.data();
+          const float inv_sum_q = 1.0f / r.sum_q;
+          for (int64_t c = 0; c < in.classes; ++c) dq[c] = g_row * (e_q[c] * inv_sum_q - e_p[c] * inv_sum_p);
+        }
+      }
+      for (int64_t c = 0; c < in.classes; ++c) gx[base + c * stride] = static_cast<scalar_t>(d_logits[c]);
       if (gq) {
-        for (int64_t c = 0; c < in.classes; ++c) gq[base + c * stride] = static_cast<scalar_t>(dq[c]);
+        for (int64_t c = 0; c < in.classes; ++c) gq[base + c * stride] = static_cast<scalar_t>(d_prior[c]);
       }
     });
   });
