@@ -241,6 +241,24 @@ def test_modifying_the_sample_in_place_before_backward_is_an_error():
         z.sum().backward()
 
 
+def test_gaussian_kl_where_exp_leaves_the_normal_floats(backend):
+    """Blocks holding a log-variance whose exp underflows to a subnormal or overflows to
+    inf take the kernels' full-range exp (the cheap one covers |x| <= 87): the elementwise
+    KL still matches the float64 spec, inf included."""
+    requires(backend, "gaussian_kl", "reparameterize_kl")
+    mu, logvar = randn(3, 700), randn(3, 700, scale=3.0)
+    prior_mu, prior_logvar = randn(700), randn(700)
+    logvar[0, 5], logvar[1, 300], logvar[2, 600] = -100.0, -95.0, 95.0
+    prior_logvar[650] = -95.0  # exp(-prior_logvar) overflows
+    for prior in ((None, None), (prior_mu, prior_logvar)):
+        kl = torch.ops.fastvae.gaussian_kl(mu, logvar, *prior, "none")
+        expected = reference.gaussian_kl(*as64(mu, logvar, *prior), "none").float()  # exp(95) overflows float32
+        assert torch.isinf(expected).any()
+        assert_close(kl, expected, torch.float32)
+    _, kl = torch.ops.fastvae.reparameterize_kl(mu, logvar, seed_tensor(), "none")
+    assert_close(kl, reference.gaussian_kl(*as64(mu, logvar), None, None, "none").float(), torch.float32)
+
+
 def test_expanded_output_gradients(backend):
     """autograd hands sum()'s gradient over as a stride-0 expanded tensor."""
     requires(backend, "reparameterize_kl", "reparameterize_kl_backward")

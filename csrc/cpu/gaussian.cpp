@@ -121,15 +121,33 @@ void sample_and_kl(Floats m, Floats v, Floats eps, FloatsOut z, FloatsOut kl, in
   }
 }
 
-void kl_standard(Floats m, Floats v, FloatsOut kl, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) kl[j] = 0.5f * (vecmath::exp(v[j]) + m[j] * m[j] - 1.0f - v[j]);
+// The KL forward is bound by its exp's instructions, a third of which handle arguments
+// whose exp is not a normal float. So a block is first computed with the cheap exp
+// (kNormalRange) while noting any |argument| > 87 (or NaN); only then is it redone with
+// the full-range exp. Returns false when the block must be redone.
+template <bool kNormalRange>
+FASTVAE_VECMATH float exp_of(float x, int32_t* outside) {
+  if constexpr (!kNormalRange) return vecmath::exp(x);
+  *outside |= !(std::fabs(x) <= 87.0f);
+  return vecmath::exp_normal_range(x);
 }
 
-void kl_prior(Floats m, Floats v, Floats pm, Floats plv, FloatsOut kl, int64_t len) {
+template <bool kNormalRange>
+bool kl_standard(Floats m, Floats v, FloatsOut kl, int64_t len) {
+  int32_t outside = 0;
+  for (int64_t j = 0; j < len; ++j) kl[j] = 0.5f * (exp_of<kNormalRange>(v[j], &outside) + m[j] * m[j] - 1.0f - v[j]);
+  return outside == 0;
+}
+
+template <bool kNormalRange>
+bool kl_prior(Floats m, Floats v, Floats pm, Floats plv, FloatsOut kl, int64_t len) {
+  int32_t outside = 0;
   for (int64_t j = 0; j < len; ++j) {
     const float diff = m[j] - pm[j];
-    kl[j] = 0.5f * (plv[j] - v[j] + (vecmath::exp(v[j]) + diff * diff) * vecmath::exp(-plv[j]) - 1.0f);
+    const float var = exp_of<kNormalRange>(v[j], &outside), inv_prior_var = exp_of<kNormalRange>(-plv[j], &outside);
+    kl[j] = 0.5f * (plv[j] - v[j] + (var + diff * diff) * inv_prior_var - 1.0f);
   }
+  return outside == 0;
 }
 
 // Backward gradients take the block's scaled noise `noise` = std * eps (see scaled_noise).
@@ -276,9 +294,11 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
         else sample(m, v, eps, zv, len);
         z_out.commit(begin, len, zv);
       } else if (!prior) {
-        kl_standard(m, v, klv, len);
+        if (!kl_standard<true>(m, v, klv, len)) kl_standard<false>(m, v, klv, len);
       } else {
-        kl_prior(m, v, pm.load(begin, begin + len, s_pm), plv.load(begin, begin + len, s_plv), klv, len);
+        const float* p_m = pm.load(begin, begin + len, s_pm);
+        const float* p_lv = plv.load(begin, begin + len, s_plv);
+        if (!kl_prior<true>(m, v, p_m, p_lv, klv, len)) kl_prior<false>(m, v, p_m, p_lv, klv, len);
       }
       if (kl_out.data) kl_out.commit(begin, len, klv);
       else if (fw.kl) partials[block] = block_sum(klv, len);

@@ -79,6 +79,15 @@ FASTVAE_VECMATH F exp(F x) {
   return e * pow2<F>(half) * pow2<F>(k - half);
 }
 
+// exp(x) for |x| <= 87, where the result is a normal float: no clamps, 2^k in one factor
+// (for blocks checked to lie in that range).
+template <typename F>
+FASTVAE_VECMATH F exp_normal_range(F x) {
+  typename Lanes<F>::Int k;
+  const F e = exp_of_remainder(x, &k);
+  return e * pow2<F>(k);
+}
+
 // exp(x) for softmax arguments x <= 0 (after the max is subtracted): -inf, NaN (from
 // -inf - -inf in a fully masked row) and x < -87.33 give 0, never a subnormal.
 template <typename F>
