@@ -199,13 +199,27 @@ void regenerated_noise(uint64_t seed, int64_t begin, int64_t len, Floats v, Floa
   for (int64_t j = 0; j < len; ++j) noise[j] = vecmath::exp(0.5f * v[j]) * eps[j];
 }
 
+// A power of two at most std = exp(logvar / 2) and more than std / 2, by exponent
+// arithmetic alone (the recovery test needs no more; an exp would cost more than the rest
+// of the backward). Defined for every input: the exponent is clamped, NaN stays NaN.
+FASTVAE_VECMATH float std_lower_bound(float logvar) {
+  float log2_std = 0.72134752044448170f * logvar;  // log2(e) / 2
+  log2_std = log2_std < -126.0f ? -126.0f : log2_std;
+  log2_std = log2_std > 126.0f ? 126.0f : log2_std;
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it to an integer-valued float exposes it in the bits
+  const uint32_t biased = vecmath::Lanes<float>::bits(std::floor(log2_std) + 127.0f + shifter) -
+                          vecmath::Lanes<float>::bits(shifter);
+  return vecmath::Lanes<float>::from_bits(biased << 23);
+}
+
 void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Floats v, Floats z, FloatsOut noise) {
   if (z == nullptr) return regenerated_noise(seed, begin, len, v, noise);
   alignas(64) int32_t lost[kBlock + 4];
   int32_t lost_count = 0;
   for (int64_t j = 0; j < len; ++j) {
     noise[j] = z[j] - m[j];
-    lost[j] = !(std::fabs(m[j]) <= kRecoverRatio * vecmath::exp(0.5f * v[j]));  // NaN: regenerate
+    // |mu| <= kRecoverRatio * (a power of two <= std): within the bound; NaN regenerates
+    lost[j] = !(std::fabs(m[j]) <= kRecoverRatio * std_lower_bound(v[j]));
     lost_count += lost[j];
   }
   if (lost_count == 0) return;
