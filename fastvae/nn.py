@@ -176,15 +176,16 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat_x):
-        # Before the call's search, so autograd never sees the codebook change under it.
-        dead = (self.ema_count < self.dead_code_threshold).nonzero().squeeze(1)
-        if dead.numel() == 0 or flat_x.shape[0] == 0:
+        # Before the call's search, so autograd never sees the codebook change under it. Every
+        # code draws a candidate and only the dead ones take it: no host sync on the dead count.
+        if flat_x.shape[0] == 0:
             return
-        picked = flat_x[torch.randint(flat_x.shape[0], (dead.numel(),), device=flat_x.device)]
-        self.codebook[dead] = picked.to(self.codebook.dtype)
-        self.ema_count[dead] = self.dead_code_threshold
+        dead = (self.ema_count < self.dead_code_threshold)[:, None]
+        picked = flat_x[torch.randint(flat_x.shape[0], (self.num_codes,), device=flat_x.device)]
+        self.codebook.copy_(torch.where(dead, picked.to(self.codebook.dtype), self.codebook))
+        self.ema_count.copy_(torch.where(dead[:, 0], self.dead_code_threshold, self.ema_count))
         if self.ema_decay is not None:
-            self.ema_sum[dead] = picked.float() * self.dead_code_threshold
+            self.ema_sum.copy_(torch.where(dead, picked.float() * self.dead_code_threshold, self.ema_sum))
 
     def extra_repr(self):
         ema = "" if self.ema_decay is None else f", ema_decay={self.ema_decay}, ema_eps={self.ema_eps}"

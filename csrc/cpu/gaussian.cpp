@@ -203,13 +203,13 @@ void regenerated_noise(uint64_t seed, int64_t begin, int64_t len, Floats v, Floa
 // arithmetic alone (the recovery test needs no more; an exp would cost more than the rest
 // of the backward). Defined for every input: the exponent is clamped, NaN stays NaN.
 FASTVAE_VECMATH float std_lower_bound(float logvar) {
+  using L = vecmath::Lanes<float>;
   float log2_std = 0.72134752044448170f * logvar;  // log2(e) / 2
   log2_std = log2_std < -126.0f ? -126.0f : log2_std;
   log2_std = log2_std > 126.0f ? 126.0f : log2_std;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it to an integer-valued float exposes it in the bits
-  const uint32_t biased = vecmath::Lanes<float>::bits(std::floor(log2_std) + 127.0f + shifter) -
-                          vecmath::Lanes<float>::bits(shifter);
-  return vecmath::Lanes<float>::from_bits(biased << 23);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: an integer-valued float plus it shows the integer in its bits
+  const auto k = static_cast<L::Int>(L::bits(std::floor(log2_std) + shifter) - L::bits(shifter));
+  return vecmath::pow2<float>(k);
 }
 
 void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Floats v, Floats z, FloatsOut noise) {
@@ -393,46 +393,33 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
   return grads;
 }
 
-Forward forward_of(const at::Tensor& mu, const at::Tensor& logvar) {
-  check_cpu(mu, "mu");
-  Forward fw;
-  fw.mu = mu;
-  fw.logvar = logvar;
-  return fw;
-}
-
 }  // namespace
 
+// Each public function checks the device (check_cpu: a CUDA tensor in a CPU-only build)
+// and says what to compute; run_forward / run_backward do the rest.
 at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed) {
   FASTVAE_ON_CUDA(mu, reparameterize(mu, logvar, seed));
-  Forward fw = forward_of(mu, logvar);
-  fw.sample = true;
-  fw.seed = read_seed(seed);
-  return std::get<0>(run_forward(fw));
+  check_cpu(mu, "mu");
+  return std::get<0>(run_forward({.mu = mu, .logvar = logvar, .sample = true, .seed = read_seed(seed)}));
 }
 
 at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& mu, const at::Tensor& logvar,
                                   const at::Tensor& z, const at::Tensor& seed) {
   FASTVAE_ON_CUDA(logvar, reparameterize_backward(grad_z, mu, logvar, z, seed));
   check_cpu(logvar, "logvar");
-  Backward bw;
-  bw.grad_z = grad_z;
-  bw.mu = mu;
-  bw.logvar = logvar;
-  bw.z = z;
-  bw.seed = read_seed(seed);
-  return run_backward(bw)[0];
+  return run_backward({.grad_z = grad_z, .mu = mu, .logvar = logvar, .z = z, .seed = read_seed(seed)})[0];
 }
 
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& prior_mu,
                        const c10::optional<at::Tensor>& prior_logvar, const std::string& reduction) {
   FASTVAE_ON_CUDA(mu, gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction));
-  Forward fw = forward_of(mu, logvar);
-  fw.kl = true;
-  fw.reduction = parse_reduction(reduction);
-  fw.prior_mu = prior_mu.value_or(at::Tensor());
-  fw.prior_logvar = prior_logvar.value_or(at::Tensor());
-  return std::get<1>(run_forward(fw));
+  check_cpu(mu, "mu");
+  return std::get<1>(run_forward({.mu = mu,
+                                  .logvar = logvar,
+                                  .prior_mu = prior_mu.value_or(at::Tensor()),
+                                  .prior_logvar = prior_logvar.value_or(at::Tensor()),
+                                  .kl = true,
+                                  .reduction = parse_reduction(reduction)}));
 }
 
 std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar,
@@ -441,24 +428,24 @@ std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::T
                                              const std::string& reduction) {
   FASTVAE_ON_CUDA(mu, gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, reduction));
   check_cpu(mu, "mu");
-  Backward bw;
-  bw.grad_kl = grad;
-  bw.mu = mu;
-  bw.logvar = logvar;
-  bw.prior_mu = prior_mu.value_or(at::Tensor());
-  bw.prior_logvar = prior_logvar.value_or(at::Tensor());
-  bw.reduction = parse_reduction(reduction);
-  return run_backward(bw);
+  return run_backward({.grad_kl = grad,
+                       .mu = mu,
+                       .logvar = logvar,
+                       .prior_mu = prior_mu.value_or(at::Tensor()),
+                       .prior_logvar = prior_logvar.value_or(at::Tensor()),
+                       .reduction = parse_reduction(reduction)});
 }
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_kl(const at::Tensor& mu, const at::Tensor& logvar,
                                                      const at::Tensor& seed, const std::string& reduction) {
   FASTVAE_ON_CUDA(mu, reparameterize_kl(mu, logvar, seed, reduction));
-  Forward fw = forward_of(mu, logvar);
-  fw.sample = fw.kl = true;
-  fw.reduction = parse_reduction(reduction);
-  fw.seed = read_seed(seed);
-  return run_forward(fw);
+  check_cpu(mu, "mu");
+  return run_forward({.mu = mu,
+                      .logvar = logvar,
+                      .sample = true,
+                      .kl = true,
+                      .reduction = parse_reduction(reduction),
+                      .seed = read_seed(seed)});
 }
 
 std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, const at::Tensor& grad_kl,
@@ -466,15 +453,13 @@ std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, con
                                                    const at::Tensor& seed, const std::string& reduction) {
   FASTVAE_ON_CUDA(mu, reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, z, seed, reduction));
   check_cpu(mu, "mu");
-  Backward bw;
-  bw.grad_z = grad_z;
-  bw.grad_kl = grad_kl;
-  bw.mu = mu;
-  bw.logvar = logvar;
-  bw.z = z;
-  bw.reduction = parse_reduction(reduction);
-  bw.seed = read_seed(seed);
-  return run_backward(bw);
+  return run_backward({.grad_z = grad_z,
+                       .grad_kl = grad_kl,
+                       .mu = mu,
+                       .logvar = logvar,
+                       .z = z,
+                       .reduction = parse_reduction(reduction),
+                       .seed = read_seed(seed)});
 }
 
 }  // namespace fastvae

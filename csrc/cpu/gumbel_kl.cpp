@@ -92,7 +92,8 @@ KLInputs kl_inputs(const at::Tensor& logits, const c10::optional<at::Tensor>& pr
 
 // Runs body(row, x_row, q_row, kl_row, e_p, e_q) over all rows in parallel, the rows as
 // float (q_row null for the uniform prior); with `keep_exp`, e_p and e_q hold the rows'
-// exponentials (kl_of_row), else they are null.
+// exponentials (kl_of_row; untouched for a row with no mass) and are the body's to
+// overwrite, else they are null.
 template <typename scalar_t, typename Body>
 void for_each_kl_row(const KLInputs& in, bool keep_exp, const Body& body) {
   const scalar_t* x = in.x.data_ptr<scalar_t>();
@@ -122,8 +123,9 @@ at::Tensor categorical_kl(const at::Tensor& logits, const c10::optional<at::Tens
   auto kl = at::zeros({in.rows}, logits.options().dtype(at::kFloat));
   float* kl_out = kl.data_ptr<float>();
   FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "categorical_kl", [&] {
-    for_each_kl_row<scalar_t>(in, false, [&](int64_t row, const float*, const float*, const KLRow& r, const float*,
-                                             const float*) { kl_out[row] = r.kl; });
+    for_each_kl_row<scalar_t>(in, false, [&](int64_t row, const float*, const float*, const KLRow& r, float*, float*) {
+      kl_out[row] = r.kl;
+    });
   });
   if (reduction == "none") {
     auto shape = logits.sizes().vec();
@@ -160,30 +162,28 @@ std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at
   FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "categorical_kl_backward", [&] {
     scalar_t* gx = grad_logits.data_ptr<scalar_t>();
     scalar_t* gq = in.prior.defined() ? grads[1].data_ptr<scalar_t>() : nullptr;
-    for_each_kl_row<scalar_t>(in, true, [&](int64_t row, const float* x, const float* q, const KLRow& r,
-                                            const float* e_p, const float* e_q) {
-      thread_local std::vector<float> d_logits, d_prior;  // the row's gradients, then stored
-      d_logits.assign(in.classes, 0.0f);
-      d_prior.assign(gq ? in.classes : 0, 0.0f);
-      const int64_t base = out_layout.offset(row), stride = out_layout.class_stride;
-      if (r.sum_p > 0.0f) {  // a row with no mass (all -inf) has zero gradients
-        float* __restrict dl = d_logits.data();
-        const float g_row = g[row], inv_sum_p = 1.0f / r.sum_p;
+    for_each_kl_row<scalar_t>(in, true, [&](int64_t row, const float* x, const float* q, const KLRow& r, float* e_p,
+                                            float* e_q) {
+      // The row's gradients replace its exponentials in e_p (logits) and e_q (prior).
+      if (r.sum_p > 0.0f) {
+        const float g_row = g[row], inv_sum_p = 1.0f / r.sum_p, inv_sum_q = 1.0f / r.sum_q;
+        if (gq) {  // d/dq of -sum p log q is q sum(p) - p
+          for (int64_t c = 0; c < in.classes; ++c) e_q[c] = g_row * (e_q[c] * inv_sum_q - e_p[c] * inv_sum_p);
+        }
         for (int64_t c = 0; c < in.classes; ++c) {  // selects, no branches: vectorises
           const float p = e_p[c] * inv_sum_p;
           const float log_p = (x[c] - r.x_max) - r.log_sum_p;
           const float log_q = (q != nullptr ? q[c] - r.q_max : 0.0f) - r.log_sum_q;
-          dl[c] = p > 0.0f ? g_row * p * (log_p - log_q - r.kl) : 0.0f;
+          e_p[c] = p > 0.0f ? g_row * p * (log_p - log_q - r.kl) : 0.0f;
         }
-        if (gq) {  // d/dq of -sum p log q is q sum(p) - p
-          float* __restrict dq = d_prior.data();
-          const float inv_sum_q = 1.0f / r.sum_q;
-          for (int64_t c = 0; c < in.classes; ++c) dq[c] = g_row * (e_q[c] * inv_sum_q - e_p[c] * inv_sum_p);
-        }
+      } else {  // a row with no mass (all -inf) has zero gradients
+        std::fill(e_p, e_p + in.classes, 0.0f);
+        if (gq) std::fill(e_q, e_q + in.classes, 0.0f);
       }
-      for (int64_t c = 0; c < in.classes; ++c) gx[base + c * stride] = static_cast<scalar_t>(d_logits[c]);
+      const int64_t base = out_layout.offset(row), stride = out_layout.class_stride;
+      for (int64_t c = 0; c < in.classes; ++c) gx[base + c * stride] = static_cast<scalar_t>(e_p[c]);
       if (gq) {
-        for (int64_t c = 0; c < in.classes; ++c) gq[base + c * stride] = static_cast<scalar_t>(d_prior[c]);
+        for (int64_t c = 0; c < in.classes; ++c) gq[base + c * stride] = static_cast<scalar_t>(e_q[c]);
       }
     });
   });
