@@ -8,7 +8,9 @@
 
 #if defined(__CUDACC__)
 #define FASTVAE_HD __host__ __device__ __forceinline__
+#define FASTVAE_UNROLL _Pragma("unroll")
 #else
+#define FASTVAE_UNROLL _Pragma("GCC unroll 16")
 #define FASTVAE_HD inline
 #endif
 
@@ -23,7 +25,7 @@ struct Draw4 {
 template <typename W, typename MulHiLo>
 FASTVAE_HD void philox_rounds(W& c0, W& c1, W& c2, W& c3, uint64_t seed, MulHiLo mulhilo) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#pragma unroll
+FASTVAE_UNROLL
   for (int round = 0; round < 10; ++round) {
     W lo_a, lo_b;
     const W hi_a = mulhilo(c0, 0xD2511F53u, &lo_a);
@@ -71,7 +73,7 @@ FASTVAE_HD void normal4(uint64_t seed, uint64_t group, float out[4]) {
 // Four Gumbel(0, 1) values for columns 4q .. 4q+3 of row `row` of the Gumbel stream.
 FASTVAE_HD void gumbel4(uint64_t seed, uint64_t row, uint32_t quad, float out[4]) {
   const Draw4 d = philox4x32_10(quad, static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32), 0u, seed);
-#pragma unroll
+FASTVAE_UNROLL
   for (int lane = 0; lane < 4; ++lane) out[lane] = -logf(-logf(uint_to_uniform(d.v[lane])));
 }
 

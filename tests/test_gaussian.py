@@ -259,6 +259,30 @@ def test_gaussian_kl_where_exp_leaves_the_normal_floats(backend):
     assert_close(kl, reference.gaussian_kl(*as64(mu, logvar), None, None, "none").float(), torch.float32)
 
 
+def test_samples_where_std_leaves_the_normal_floats(backend):
+    """Blocks holding a log-variance whose std = exp(logvar / 2) is subnormal or overflows
+    take the full-range exp: with mu = 0 there, z = std * eps is that subnormal (to its
+    rounding) or an infinity of eps's sign, as in the float64 spec cast to float32."""
+    requires(backend, "reparameterize", "reparameterize_kl")
+    mu, logvar = randn(3, 700), randn(3, 700)
+    special = [(0, 5, -190.0), (1, 300, -181.0), (2, 600, 190.0)]
+    for row, col, value in special:
+        mu[row, col], logvar[row, col] = 0.0, value
+    expected = reference.reparameterize(*as64(mu, logvar), seed_tensor()).float()
+    for z in (torch.ops.fastvae.reparameterize(mu, logvar, seed_tensor()),
+              torch.ops.fastvae.reparameterize_kl(mu, logvar, seed_tensor(), "none")[0]):
+        for row, col, value in special:
+            got, want = z[row, col].item(), expected[row, col].item()
+            if value > 0:
+                assert got == want and abs(want) == float("inf"), (got, want)
+            else:  # subnormal: a few ulps of 2^-149 on top of exp's relative rounding
+                assert want != 0.0 and abs(got - want) <= 2e-3 * abs(want) + 8 * 2.0**-149, (got, want)
+        others = torch.ones_like(mu, dtype=torch.bool)
+        for row, col, _ in special:
+            others[row, col] = False
+        assert_close(z[others], expected[others], torch.float32, scale=2)
+
+
 def test_expanded_output_gradients(backend):
     """autograd hands sum()'s gradient over as a stride-0 expanded tensor."""
     requires(backend, "reparameterize_kl", "reparameterize_kl_backward")

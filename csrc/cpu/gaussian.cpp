@@ -109,27 +109,33 @@ double block_sum(float* values, int64_t len) {
 using Floats = const float* __restrict;
 using FloatsOut = float* __restrict;
 
-void sample(Floats m, Floats v, Floats eps, FloatsOut z, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) z[j] = m[j] + vecmath::exp(0.5f * v[j]) * eps[j];
-}
-
-void sample_and_kl(Floats m, Floats v, Floats eps, FloatsOut z, FloatsOut kl, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) {
-    const float std_dev = vecmath::exp(0.5f * v[j]);  // exp(logvar) = std^2 shares the one exp
-    z[j] = m[j] + std_dev * eps[j];
-    kl[j] = 0.5f * (std_dev * std_dev + m[j] * m[j] - 1.0f - v[j]);
-  }
-}
-
-// The KL forward is bound by its exp's instructions, a third of which handle arguments
-// whose exp is not a normal float. So a block is first computed with the cheap exp
-// (kNormalRange) while noting any |argument| > 87 (or NaN); only then is it redone with
-// the full-range exp. Returns false when the block must be redone.
+// A third of exp's instructions handle arguments whose exp is not a normal float, and
+// the forward arithmetic is bound by them. So a block is first computed with the cheap
+// exp (kNormalRange) while noting any |argument| > 87 (or NaN); only then is it redone
+// with the full-range exp. Returns false when the block must be redone.
 template <bool kNormalRange>
 FASTVAE_VECMATH float exp_of(float x, int32_t* outside) {
   if constexpr (!kNormalRange) return vecmath::exp(x);
   *outside |= !(std::fabs(x) <= 87.0f);
   return vecmath::exp_normal_range(x);
+}
+
+template <bool kNormalRange>
+bool sample(Floats m, Floats v, Floats eps, FloatsOut z, int64_t len) {
+  int32_t outside = 0;
+  for (int64_t j = 0; j < len; ++j) z[j] = m[j] + exp_of<kNormalRange>(0.5f * v[j], &outside) * eps[j];
+  return outside == 0;
+}
+
+template <bool kNormalRange>
+bool sample_and_kl(Floats m, Floats v, Floats eps, FloatsOut z, FloatsOut kl, int64_t len) {
+  int32_t outside = 0;
+  for (int64_t j = 0; j < len; ++j) {
+    const float std_dev = exp_of<kNormalRange>(0.5f * v[j], &outside);  // exp(logvar) = std^2 shares the one exp
+    z[j] = m[j] + std_dev * eps[j];
+    kl[j] = 0.5f * (std_dev * std_dev + m[j] * m[j] - 1.0f - v[j]);
+  }
+  return outside == 0;
 }
 
 template <bool kNormalRange>
@@ -304,8 +310,11 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
       if (fw.sample) {
         normal_block(fw.seed, begin, len, eps);
         float* zv = z_out.view(begin, s_z);
-        if (fw.kl) sample_and_kl(m, v, eps, zv, klv, len);
-        else sample(m, v, eps, zv, len);
+        if (fw.kl) {
+          if (!sample_and_kl<true>(m, v, eps, zv, klv, len)) sample_and_kl<false>(m, v, eps, zv, klv, len);
+        } else if (!sample<true>(m, v, eps, zv, len)) {
+          sample<false>(m, v, eps, zv, len);
+        }
         z_out.commit(begin, len, zv);
       } else if (!prior) {
         if (!kl_standard<true>(m, v, klv, len)) kl_standard<false>(m, v, klv, len);

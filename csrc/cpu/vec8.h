@@ -25,7 +25,6 @@ constexpr int kLanes = 8;
 typedef float VecF __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t VecU __attribute__((vector_size(4 * kLanes)));
 typedef int32_t VecI __attribute__((vector_size(4 * kLanes)));
-typedef uint64_t VecU64 __attribute__((vector_size(8 * kLanes)));
 
 FASTVAE_VEC_INLINE VecF splat(float v) { return VecF{} + v; }
 FASTVAE_VEC_INLINE VecU splat_u(uint32_t v) { return VecU{} + v; }
@@ -75,37 +74,47 @@ FASTVAE_VEC_INLINE float horizontal_sum(VecF v) {
   return s;
 }
 
-// (hi, lo) 32-bit halves of a * b per lane.
-FASTVAE_VEC_INLINE VecU mulhilo(VecU a, uint32_t b, VecU* lo) {
+// Philox's rounds see a VecU as two registers of four counters, lanes 0, 2, 4, 6 and
+// lanes 1, 3, 5, 7, each in the low half of a 64-bit lane (the high half is don't-care):
+// AVX2 multiplies the low words of 64-bit lanes into full products, so in this layout a
+// round needs no shuffles, and the two registers make independent chains that overlap.
+typedef uint64_t VecU64 __attribute__((vector_size(32)));
+
+struct PhiloxWord {
+  VecU64 even, odd;
+};
+FASTVAE_VEC_INLINE PhiloxWord operator^(PhiloxWord a, PhiloxWord b) { return {a.even ^ b.even, a.odd ^ b.odd}; }
+FASTVAE_VEC_INLINE PhiloxWord operator^(PhiloxWord a, uint32_t key) {
+  return {a.even ^ static_cast<uint64_t>(key), a.odd ^ static_cast<uint64_t>(key)};
+}
+
+// The 64-bit products of the low words of a's lanes and factor.
+FASTVAE_VEC_INLINE VecU64 multiply_low_words(VecU64 a, uint32_t factor) {
 #if defined(__AVX2__)
-  // AVX2 multiplies even 32-bit lanes into 64-bit products; the odd lanes are shifted to
-  // even positions for a second multiply, and the halves are blended back in lane order.
   __m256i x;
   std::memcpy(&x, &a, sizeof x);
-  const __m256i factor = _mm256_set1_epi32(static_cast<int>(b));
-  const __m256i even = _mm256_mul_epu32(x, factor);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), factor);
-  const __m256i hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  const __m256i low = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  VecU out;
-  std::memcpy(&out, &hi, sizeof out);
-  std::memcpy(lo, &low, sizeof out);
+  const __m256i product = _mm256_mul_epu32(x, _mm256_set1_epi64x(factor));
+  VecU64 out;
+  std::memcpy(&out, &product, sizeof out);
   return out;
 #else
-  const VecU64 product = __builtin_convertvector(a, VecU64) * static_cast<uint64_t>(b);
-  *lo = __builtin_convertvector(product, VecU);
-  return __builtin_convertvector(product >> 32, VecU);
+  return (a & 0xffffffffu) * static_cast<uint64_t>(factor);
 #endif
+}
+
+// philox_rounds' mulhilo: the product's low word stays in place, its high word moves down.
+FASTVAE_VEC_INLINE PhiloxWord mulhilo(PhiloxWord a, uint32_t factor, PhiloxWord* lo) {
+  lo->even = multiply_low_words(a.even, factor);
+  lo->odd = multiply_low_words(a.odd, factor);
+  return {lo->even >> 32, lo->odd >> 32};
 }
 
 // philox4x32_10 of philox.h on eight counters (c0, c1, c2, 0) at once; out[k] is lane k.
 FASTVAE_VEC_INLINE void philox(uint64_t seed, VecU c0, VecU c1, VecU c2, VecU out[4]) {
-  VecU c3 = VecU{};
-  philox_rounds(c0, c1, c2, c3, seed, [](VecU a, uint32_t b, VecU* lo) { return mulhilo(a, b, lo); });
-  out[0] = c0;
-  out[1] = c1;
-  out[2] = c2;
-  out[3] = c3;
+  auto split = [](VecU c) { return PhiloxWord{(VecU64)c, (VecU64)c >> 32}; };
+  PhiloxWord w[4] = {split(c0), split(c1), split(c2), PhiloxWord{}};
+  philox_rounds(w[0], w[1], w[2], w[3], seed, [](PhiloxWord a, uint32_t b, PhiloxWord* lo) { return mulhilo(a, b, lo); });
+  for (int k = 0; k < 4; ++k) out[k] = (VecU)((w[k].even & 0xffffffffu) | (w[k].odd << 32));
 }
 
 // uint_to_uniform of philox.h on eight draws.
