@@ -116,8 +116,10 @@ def reparameterize(mu, logvar, seed):
     return (mu.to(ct) + torch.exp(0.5 * logvar.to(ct)) * eps).to(mu.dtype).contiguous()
 
 
-def reparameterize_backward(grad_z, mu, logvar, z, seed):
-    """The logvar gradient ``grad_z * std * eps / 2`` (mu's is ``grad_z`` itself).
+def reparameterize_backward(grad_z, mu, logvar, z, seed, dense_grad_mu):
+    """``[grad_logvar]``, the logvar gradient ``grad_z * std * eps / 2``; with
+    ``dense_grad_mu``, ``[grad_mu, grad_logvar]`` where ``grad_mu`` is ``grad_z`` itself
+    as a new contiguous tensor (a backend writes it in the same pass).
 
     ``mu`` and ``z`` (the forward's sample) let a backend recover ``std * eps`` as
     ``z - mu`` where that is exact enough instead of regenerating eps (the native CPU
@@ -126,7 +128,8 @@ def reparameterize_backward(grad_z, mu, logvar, z, seed):
     ct = compute_dtype(logvar)
     std = torch.exp(0.5 * logvar.to(ct))
     grad_logvar = grad_z.to(ct) * 0.5 * std * normal_stream(seed, logvar.shape, logvar.device, ct)
-    return grad_logvar.to(logvar.dtype).contiguous()
+    grads = [grad_logvar.to(logvar.dtype).contiguous()]
+    return [grad_z.clone(memory_format=torch.contiguous_format)] + grads if dense_grad_mu else grads
 
 
 def _gaussian_kl_elementwise(mu, logvar, prior_mu, prior_logvar):
@@ -170,7 +173,7 @@ def reparameterize_kl(mu, logvar, seed, reduction):
 
 def reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, z, seed, reduction):
     g_mu, g_lv = gaussian_kl_backward(grad_kl, mu, logvar, None, None, reduction)
-    g_lv_z = reparameterize_backward(grad_z, mu, logvar, z, seed)
+    (g_lv_z,) = reparameterize_backward(grad_z, mu, logvar, z, seed, False)
     ct = compute_dtype(mu)
     return [(grad_z.to(ct) + g_mu.to(ct)).to(mu.dtype).contiguous(), (g_lv_z.to(ct) + g_lv.to(ct)).to(mu.dtype).contiguous()]
 

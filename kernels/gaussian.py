@@ -88,7 +88,7 @@ def _backward_kernel(gz_ptr, gk_ptr, mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr,
                      g_mu_ptr, g_lv_ptr, g_pm_ptr, g_plv_ptr, n, cols, scale,
                      gz_rs, gz_cs, gk_rs, gk_cs, mu_rs, mu_cs, lv_rs, lv_cs, pm_rs, pm_cs, plv_rs, plv_cs,
                      SAMPLE: tl.constexpr, KL: tl.constexpr, REDUCE: tl.constexpr, PRIOR: tl.constexpr,
-                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
+                     DENSE_GRAD_MU: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
     pid, i, mask, row, col = _block(n, cols, BLOCK)
     v = _load(lv_ptr, i, row, col, lv_rs, lv_cs, mask, FLAT)
     std = tl.exp(0.5 * v)
@@ -118,6 +118,8 @@ def _backward_kernel(gz_ptr, gk_ptr, mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr,
             g_mu += gz
         g_lv += g_lv_kl
         tl.store(g_mu_ptr + i, g_mu.to(g_mu_ptr.dtype.element_ty), mask=mask)
+    elif DENSE_GRAD_MU:  # reparameterize: mu's gradient is grad_z, written densely on request
+        tl.store(g_mu_ptr + i, gz.to(g_mu_ptr.dtype.element_ty), mask=mask)
     tl.store(g_lv_ptr + i, g_lv.to(g_lv_ptr.dtype.element_ty), mask=mask)
 
 
@@ -190,13 +192,13 @@ def _forward(mu, logvar, prior_mu, prior_logvar, seed, sample, reduction):
     return z, kl_out
 
 
-def _backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, reduction):
+def _backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, reduction, dense_grad_mu=False):
     sample, kl = grad_z is not None, grad_kl is not None
     reduce = kl and _REDUCTIONS[reduction] == 1
     prior = prior_mu is not None or prior_logvar is not None
-    count = 1 if not kl else 4 if prior else 2
+    count = 4 if prior else 2 if kl or dense_grad_mu else 1
     grads = [torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device) for _ in range(count)]
-    g_mu, g_lv = (None, grads[0]) if not kl else grads[:2]
+    g_mu, g_lv = (None, grads[0]) if count == 1 else grads[:2]
     g_pm, g_plv = grads[2:] if prior else (None, None)
     zero = logvar.new_zeros(())
     priors = [(zero if p is None else p) if prior else None for p in (prior_mu, prior_logvar)]
@@ -204,7 +206,7 @@ def _backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, reducti
     scale = 1.0 / divisor if divisor else math.nan  # divisor 0: an empty batch, nothing to scale
     grad_kl = (grad_kl,) if reduce else grad_kl  # a reduction's gradient is a scalar
     _launch(_backward_kernel, logvar, [grad_z, grad_kl, mu, logvar] + priors, [g_mu, g_lv, g_pm, g_plv], seed,
-            scale, SAMPLE=sample, KL=kl, REDUCE=reduce, PRIOR=prior)
+            scale, SAMPLE=sample, KL=kl, REDUCE=reduce, PRIOR=prior, DENSE_GRAD_MU=dense_grad_mu)
     return grads
 
 
@@ -215,8 +217,8 @@ def reparameterize(mu, logvar, seed):
 
 # z, the forward's sample, is not used: on a GPU regenerating eps in registers is cheaper
 # than reading z and mu.
-def reparameterize_backward(grad_z, mu, logvar, z, seed):
-    return _backward(grad_z, None, None, logvar, None, None, seed, None)[0]
+def reparameterize_backward(grad_z, mu, logvar, z, seed, dense_grad_mu):
+    return _backward(grad_z, None, None, logvar, None, None, seed, None, dense_grad_mu)
 
 
 def gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction):

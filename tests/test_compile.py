@@ -19,7 +19,7 @@ def _op_args():
     idx = torch.randint(6, (9,))
     return {
         "reparameterize": (mu, lv, SEED),
-        "reparameterize_backward": (torch.randn(4, 6), mu, lv, torch.randn(4, 6), SEED),
+        "reparameterize_backward": (torch.randn(4, 6), mu, lv, torch.randn(4, 6), SEED, True),
         "gaussian_kl": (mu, lv, torch.randn(6), None, "batchmean"),
         "gaussian_kl_backward": (torch.randn(()), mu, lv, torch.randn(6), torch.randn(4, 1), "sum"),
         "reparameterize_kl": (mu, lv, SEED, "none"),

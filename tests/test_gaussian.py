@@ -224,8 +224,8 @@ def test_reparameterize_backward_noise_exact_where_mu_dwarfs_std(backend, lost_f
     seed = seed_tensor()
     z = torch.ops.fastvae.reparameterize(mu, logvar, seed)
     grad_z = randn(n)
-    grad = torch.ops.fastvae.reparameterize_backward(grad_z, mu, logvar, z, seed)
-    expected = reference.reparameterize_backward(*as64(grad_z, mu, logvar, z), seed)
+    (grad,) = torch.ops.fastvae.reparameterize_backward(grad_z, mu, logvar, z, seed, False)
+    (expected,) = reference.reparameterize_backward(*as64(grad_z, mu, logvar, z), seed, False)
     error_in_std = (grad.double() - expected).abs() / (0.5 * grad_z.double().abs() * (0.5 * logvar.double()).exp())
     # Recovered: at most 2^-24 (8 + 2 |eps|); regenerated in float32: some ulps of the
     # Box-Muller radius. z - mu where |mu| / std ~ 1e6 would be off by ~0.1.
@@ -293,6 +293,38 @@ def test_expanded_output_gradients(backend):
     std = (0.5 * logvar.detach()).exp()
     torch.testing.assert_close(mu.grad, 1.0 + mu.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logvar.grad, 0.5 * std * eps + 0.5 * (std * std - 1.0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["expanded scalar", "expanded row", "transposed", "contiguous"])
+def test_reparameterize_backward_writes_mu_gradient_on_request(backend, dtype, layout):
+    """With dense_grad_mu the backward also returns mu's gradient, grad_z itself, as a new
+    contiguous tensor (written in the same pass); logvar's gradient is unchanged."""
+    requires(backend, "reparameterize", "reparameterize_backward")
+    mu, logvar = inputs((6, 700), dtype)
+    seed = seed_tensor()
+    z = torch.ops.fastvae.reparameterize(mu, logvar, seed)
+    grad_z = {"expanded scalar": randn(dtype=dtype).expand(6, 700), "expanded row": randn(700, dtype=dtype).expand(6, 700),
+              "transposed": randn(700, 6, dtype=dtype).t(), "contiguous": randn(6, 700, dtype=dtype)}[layout]
+    grad_mu, grad_logvar = torch.ops.fastvae.reparameterize_backward(grad_z, mu, logvar, z, seed, True)
+    assert grad_mu.is_contiguous() and grad_mu.dtype == dtype and torch.equal(grad_mu, grad_z)
+    assert grad_mu.data_ptr() != grad_z.data_ptr()
+    (alone,) = torch.ops.fastvae.reparameterize_backward(grad_z, mu, logvar, z, seed, False)
+    assert torch.equal(grad_logvar, alone)
+
+
+def test_sum_of_the_sample_gives_dense_gradients(backend):
+    """z.sum()'s gradient reaches the Function expanded; mu.grad comes out dense and exact."""
+    requires(backend, "reparameterize", "reparameterize_backward")
+    mu, logvar = inputs((5, 600), torch.float32, requires_grad=True)
+    z = fastvae.reparameterize(mu, logvar)
+    (3.0 * z.sum()).backward()
+    assert mu.grad.is_contiguous() and torch.equal(mu.grad, torch.full_like(mu, 3.0))
+    std = (0.5 * logvar.detach()).exp()
+    torch.testing.assert_close(logvar.grad, 1.5 * (z.detach() - mu.detach()), rtol=1e-5, atol=1e-5 * std.max().item())
+    only_mu = mu.detach().requires_grad_()
+    fastvae.reparameterize(only_mu, logvar.detach()).sum().backward()
+    assert torch.equal(only_mu.grad, torch.ones_like(mu))
 
 
 # ---------------------------------------------------------------- the samplers' law
@@ -434,9 +466,12 @@ def test_cuda_shapes_layouts_and_half_prior(backend, shape):
         z = torch.ops.fastvae.reparameterize(mu_in, logvar_in, seed)
         assert_close(z, reference.reparameterize(*as64(mu, logvar), seed), torch.float32, scale=2)
         grad_z = randn(*shape, device="cuda")
-        grad = torch.ops.fastvae.reparameterize_backward(grad_z, mu_in, logvar_in, z, seed)
-        assert_close(grad, reference.reparameterize_backward(*as64(grad_z, mu, logvar, z), seed), torch.float32,
-                     scale=2)
+        (grad,) = torch.ops.fastvae.reparameterize_backward(grad_z, mu_in, logvar_in, z, seed, False)
+        assert_close(grad, reference.reparameterize_backward(*as64(grad_z, mu, logvar, z), seed, False)[0],
+                     torch.float32, scale=2)
+        column_major = grad_z.t().contiguous().t() if grad_z.dim() == 2 else grad_z
+        grad_mu, grad_logvar = torch.ops.fastvae.reparameterize_backward(column_major, mu_in, logvar_in, z, seed, True)
+        assert grad_mu.is_contiguous() and torch.equal(grad_mu, grad_z) and torch.equal(grad_logvar, grad)
         for reduction in REDUCTIONS:
             kl = torch.ops.fastvae.gaussian_kl(mu_in, logvar_in, prior_mu, None, reduction)
             assert_close(kl, reference.gaussian_kl(*as64(mu, logvar, prior_mu), None, reduction), torch.float32,

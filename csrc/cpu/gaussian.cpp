@@ -336,14 +336,17 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
 }
 
 // What one backward call computes. grad_z defined: the sampling term (its mu gradient is
-// grad_z itself); grad_kl defined: the KL term, a scalar for the reductions.
+// grad_z itself, written only for the KL or on request); grad_kl defined: the KL term, a
+// scalar for the reductions.
 struct Backward {
   at::Tensor grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, z;  // z: the forward's sample
+  bool dense_grad_mu = false;
   Reduction reduction = Reduction::kNone;
   uint64_t seed = 0;
 };
 
-// Gradients for (logvar) with only grad_z, else (mu, logvar[, prior_mu, prior_logvar]).
+// Gradients for (logvar) with only grad_z ((mu, logvar) with dense_grad_mu), else (mu,
+// logvar[, prior_mu, prior_logvar]).
 std::vector<at::Tensor> run_backward(const Backward& bw) {
   const auto shape = bw.logvar.sizes();
   const int64_t n = bw.logvar.numel(), cols = shape.empty() ? 1 : shape.back();
@@ -359,7 +362,7 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
   // Half-precision samples keep too few digits to recover the noise from (scaled_noise).
   const bool recover = sample && bw.z.defined() && bw.mu.defined() && dtype == at::kFloat;
   std::vector<at::Tensor> grads;
-  for (int count = !kl ? 1 : prior ? 4 : 2; count > 0; --count) {
+  for (int count = prior ? 4 : kl || bw.dense_grad_mu ? 2 : 1; count > 0; --count) {
     grads.push_back(empty_output(shape, bw.logvar.options()));
   }
   FASTVAE_DISPATCH_FLOATS(dtype, "gaussian_backward", [&] {
@@ -368,7 +371,7 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
     Output<scalar_t> out[4];
     for (size_t i = 0; i < grads.size(); ++i) out[i].data = grads[i].data_ptr<scalar_t>();
     const Output<scalar_t>& g_mu_out = out[0];
-    const Output<scalar_t>& g_lv_out = kl ? out[1] : out[0];
+    const Output<scalar_t>& g_lv_out = grads.size() > 1 ? out[1] : out[0];
     for_each_block(n, [&](int64_t, int64_t begin, int64_t len) {
       alignas(64) float s_gz[kBlock], s_gk[kBlock], s_mu[kBlock], s_lv[kBlock], s_pm[kBlock], s_plv[kBlock],
           s_z[kBlock], noise[kBlock], s_out[4][kBlock];
@@ -379,6 +382,11 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
       if (sample) scaled_noise(bw.seed, begin, len, m, v, recover ? z.load(begin, begin + len, s_z) : nullptr, noise);
       if (!kl) {
         sample_grad(g_z, noise, g_lv, len);
+        if (bw.dense_grad_mu) {
+          float* g_mu = g_mu_out.view(begin, s_out[0]);
+          std::copy(g_z, g_z + len, g_mu);
+          g_mu_out.commit(begin, len, g_mu);
+        }
       } else {
         const float* g = gk.load(begin, begin + len, s_gk);
         float* g_mu = g_mu_out.view(begin, s_out[0]);
@@ -412,11 +420,17 @@ at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const 
   return std::get<0>(run_forward({.mu = mu, .logvar = logvar, .sample = true, .seed = read_seed(seed)}));
 }
 
-at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& mu, const at::Tensor& logvar,
-                                  const at::Tensor& z, const at::Tensor& seed) {
-  FASTVAE_ON_CUDA(logvar, reparameterize_backward(grad_z, mu, logvar, z, seed));
+std::vector<at::Tensor> reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& mu,
+                                                const at::Tensor& logvar, const at::Tensor& z, const at::Tensor& seed,
+                                                bool dense_grad_mu) {
+  FASTVAE_ON_CUDA(logvar, reparameterize_backward(grad_z, mu, logvar, z, seed, dense_grad_mu));
   check_cpu(logvar, "logvar");
-  return run_backward({.grad_z = grad_z, .mu = mu, .logvar = logvar, .z = z, .seed = read_seed(seed)})[0];
+  return run_backward({.grad_z = grad_z,
+                       .mu = mu,
+                       .logvar = logvar,
+                       .z = z,
+                       .dense_grad_mu = dense_grad_mu,
+                       .seed = read_seed(seed)});
 }
 
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& prior_mu,

@@ -307,14 +307,16 @@ at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const 
 }
 
 // z is not read: regenerating eps in registers costs less than reading z (and mu).
-at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor&, const at::Tensor& logvar,
-                                  const at::Tensor&, const at::Tensor& seed) {
+std::vector<at::Tensor> reparameterize_backward(const at::Tensor& grad_z, const at::Tensor&, const at::Tensor& logvar,
+                                                const at::Tensor&, const at::Tensor& seed, bool dense_grad_mu) {
   Call c;
   c.in[kGradZ] = grad_z;
   c.in[kLogvar] = logvar;
   c.seed = seed;
   c.backward = true;
-  return run(c)[kGradLogvar];
+  at::Tensor grad_logvar = run(c)[kGradLogvar];
+  if (!dense_grad_mu) return {grad_logvar};
+  return {grad_z.clone(at::MemoryFormat::Contiguous), grad_logvar};
 }
 
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& prior_mu,

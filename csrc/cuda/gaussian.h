@@ -10,8 +10,9 @@
 namespace fastvae::cuda {
 
 at::Tensor reparameterize(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& seed);
-at::Tensor reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& mu, const at::Tensor& logvar,
-                                  const at::Tensor& z, const at::Tensor& seed);
+std::vector<at::Tensor> reparameterize_backward(const at::Tensor& grad_z, const at::Tensor& mu,
+                                                const at::Tensor& logvar, const at::Tensor& z, const at::Tensor& seed,
+                                                bool dense_grad_mu);
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& prior_mu,
                        const c10::optional<at::Tensor>& prior_logvar, const std::string& reduction);
 std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar,

@@ -15,8 +15,9 @@ def _kl_out(mu, reduction):
 _reparameterize = define("reparameterize(Tensor mu, Tensor logvar, Tensor seed) -> Tensor",
                          lambda mu, logvar, seed: _like(mu))
 _reparameterize_backward = define(
-    "reparameterize_backward(Tensor grad_z, Tensor mu, Tensor logvar, Tensor z, Tensor seed) -> Tensor",
-    lambda grad_z, mu, logvar, z, seed: _like(logvar))
+    "reparameterize_backward(Tensor grad_z, Tensor mu, Tensor logvar, Tensor z, Tensor seed, bool dense_grad_mu) "
+    "-> Tensor[]",
+    lambda grad_z, mu, logvar, z, seed, dense_grad_mu: [_like(mu), _like(logvar)] if dense_grad_mu else [_like(logvar)])
 _gaussian_kl = define(
     "gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, str reduction) -> Tensor",
     lambda mu, logvar, prior_mu, prior_logvar, reduction: _kl_out(mu, reduction))
@@ -46,9 +47,14 @@ class _Reparameterize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z):
+        if not ctx.needs_input_grad[1]:
+            return grad_z, None, None
         mu, logvar, z, seed = ctx.saved_tensors
-        grad_logvar = _reparameterize_backward(grad_z, mu, logvar, z, seed) if ctx.needs_input_grad[1] else None
-        return grad_z, grad_logvar, None
+        # mu's gradient is grad_z. One that is not contiguous (sum()'s expanded gradient)
+        # would be copied by autograd in a pass of its own: the kernel writes it instead.
+        dense_grad_mu = ctx.needs_input_grad[0] and not grad_z.is_contiguous()
+        grads = _reparameterize_backward(grad_z, mu, logvar, z, seed, dense_grad_mu)
+        return grads[0] if dense_grad_mu else grad_z, grads[-1], None
 
 
 class _GaussianKL(torch.autograd.Function):
