@@ -283,6 +283,38 @@ def test_samples_where_std_leaves_the_normal_floats(backend):
         assert_close(z[others], expected[others], torch.float32, scale=2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_where_exp_leaves_the_normal_floats(backend, dtype):
+    """The backwards' exps (exp(logvar), exp(-prior_logvar), the regenerated std) also leave
+    the normal floats in places: the gradients still match the float64 spec there, inf
+    included (float32), and the blocks around them are unaffected."""
+    requires(backend, *BACKWARD_OPS)
+    mu, logvar = randn(3, 700, dtype=dtype), randn(3, 700, dtype=dtype)
+    prior_mu, prior_logvar = randn(700, dtype=dtype), randn(700, dtype=dtype)
+    logvar[0, 5], logvar[1, 300], prior_logvar[650] = -100.0, -190.0, -95.0
+    if dtype == torch.float32:  # exp(95) overflows float32 but not float64; half types overflow sooner
+        logvar[2, 600] = 95.0
+    grad = randn(3, 700, dtype=dtype)
+    seed = seed_tensor()
+    z = torch.ops.fastvae.reparameterize(mu, logvar, seed)
+    pairs = [
+        (torch.ops.fastvae.gaussian_kl_backward(grad, mu, logvar, None, None, "none"),
+         reference.gaussian_kl_backward(*as64(grad, mu, logvar), None, None, "none")),
+        (torch.ops.fastvae.gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, "none"),
+         reference.gaussian_kl_backward(*as64(grad, mu, logvar, prior_mu, prior_logvar), "none")),
+        (torch.ops.fastvae.reparameterize_kl_backward(grad, grad, mu, logvar, z, seed, "none"),
+         reference.reparameterize_kl_backward(*as64(grad, grad, mu, logvar, z), seed, "none")),
+        (torch.ops.fastvae.reparameterize_backward(grad, mu, logvar, z, seed, False),
+         reference.reparameterize_backward(*as64(grad, mu, logvar, z), seed, False)),
+    ]
+    for got, expected in pairs:
+        for g, e in zip(got, expected):
+            e = e.to(dtype)  # the spec's float64 rounded as the kernels' output is: inf where it overflows
+            assert torch.equal(torch.isinf(g), torch.isinf(e))
+            finite = ~torch.isinf(e)
+            assert_close(g[finite], e[finite].double(), dtype, scale=4)
+
+
 def test_expanded_output_gradients(backend):
     """autograd hands sum()'s gradient over as a stride-0 expanded tensor."""
     requires(backend, "reparameterize_kl", "reparameterize_kl_backward")

@@ -6,7 +6,7 @@
 // tensor itself when it is contiguous float32, else converted/gathered into an L1
 // scratch array (half types, row-strided slices, broadcast priors). The block's noise is
 // generated group-parallel into scratch (it never reaches main memory), the arithmetic
-// runs over plain float arrays (auto-vectorised with vecmath.h), and each output is
+// runs over plain float arrays (gaussian_block.h), and each output is
 // written once. A KL reduction keeps one float32 partial per block; the partials are
 // added in block order in double, so the result has the same bits run after run and
 // for any thread count.
@@ -21,8 +21,7 @@
 #include "../matrix_rows.h"
 #include "../cuda/gaussian.h"
 #include "../ops.h"
-#include "normal_block.h"
-#include "vecmath.h"
+#include "gaussian_block.h"
 
 namespace fastvae {
 namespace {
@@ -104,140 +103,7 @@ double block_sum(float* values, int64_t len) {
   return total;
 }
 
-// The arithmetic of each op over one block of float32 arrays (restrict: no aliasing, so
-// every loop vectorises). Gradients take `scale`, the reduction's 1 / divisor.
-using Floats = const float* __restrict;
-using FloatsOut = float* __restrict;
-
-// A third of exp's instructions handle arguments whose exp is not a normal float, and
-// the forward arithmetic is bound by them. So a block is first computed with the cheap
-// exp (kNormalRange) while noting any |argument| > 87 (or NaN); only then is it redone
-// with the full-range exp. Returns false when the block must be redone.
-template <bool kNormalRange>
-FASTVAE_VECMATH float exp_of(float x, int32_t* outside) {
-  if constexpr (!kNormalRange) return vecmath::exp(x);
-  *outside |= !(std::fabs(x) <= 87.0f);
-  return vecmath::exp_normal_range(x);
-}
-
-template <bool kNormalRange>
-bool sample(Floats m, Floats v, Floats eps, FloatsOut z, int64_t len) {
-  int32_t outside = 0;
-  for (int64_t j = 0; j < len; ++j) z[j] = m[j] + exp_of<kNormalRange>(0.5f * v[j], &outside) * eps[j];
-  return outside == 0;
-}
-
-template <bool kNormalRange>
-bool sample_and_kl(Floats m, Floats v, Floats eps, FloatsOut z, FloatsOut kl, int64_t len) {
-  int32_t outside = 0;
-  for (int64_t j = 0; j < len; ++j) {
-    const float std_dev = exp_of<kNormalRange>(0.5f * v[j], &outside);  // exp(logvar) = std^2 shares the one exp
-    z[j] = m[j] + std_dev * eps[j];
-    kl[j] = 0.5f * (std_dev * std_dev + m[j] * m[j] - 1.0f - v[j]);
-  }
-  return outside == 0;
-}
-
-template <bool kNormalRange>
-bool kl_standard(Floats m, Floats v, FloatsOut kl, int64_t len) {
-  int32_t outside = 0;
-  for (int64_t j = 0; j < len; ++j) kl[j] = 0.5f * (exp_of<kNormalRange>(v[j], &outside) + m[j] * m[j] - 1.0f - v[j]);
-  return outside == 0;
-}
-
-template <bool kNormalRange>
-bool kl_prior(Floats m, Floats v, Floats pm, Floats plv, FloatsOut kl, int64_t len) {
-  int32_t outside = 0;
-  for (int64_t j = 0; j < len; ++j) {
-    const float diff = m[j] - pm[j];
-    const float var = exp_of<kNormalRange>(v[j], &outside), inv_prior_var = exp_of<kNormalRange>(-plv[j], &outside);
-    kl[j] = 0.5f * (plv[j] - v[j] + (var + diff * diff) * inv_prior_var - 1.0f);
-  }
-  return outside == 0;
-}
-
-// Backward gradients take the block's scaled noise `noise` = std * eps (see scaled_noise).
-void sample_grad(Floats gz, Floats noise, FloatsOut g_lv, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) g_lv[j] = 0.5f * gz[j] * noise[j];
-}
-
-void sample_and_kl_grad(Floats gz, Floats gk, float scale, Floats m, Floats v, Floats noise, FloatsOut g_mu,
-                        FloatsOut g_lv, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) {
-    const float gs = gk[j] * scale;
-    g_mu[j] = gz[j] + gs * m[j];
-    g_lv[j] = 0.5f * (gz[j] * noise[j] + gs * (vecmath::exp(v[j]) - 1.0f));
-  }
-}
-
-void kl_standard_grad(Floats gk, float scale, Floats m, Floats v, FloatsOut g_mu, FloatsOut g_lv, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) {
-    const float gs = gk[j] * scale;
-    g_mu[j] = gs * m[j];
-    g_lv[j] = 0.5f * gs * (vecmath::exp(v[j]) - 1.0f);
-  }
-}
-
-void kl_prior_grad(Floats gk, float scale, Floats m, Floats v, Floats pm, Floats plv, FloatsOut g_mu,
-                   FloatsOut g_lv, FloatsOut g_pm, FloatsOut g_plv, int64_t len) {
-  for (int64_t j = 0; j < len; ++j) {
-    const float gs = gk[j] * scale, diff = m[j] - pm[j], inv_prior_var = vecmath::exp(-plv[j]);
-    const float gm = gs * diff * inv_prior_var, glv = 0.5f * gs * (vecmath::exp(v[j]) * inv_prior_var - 1.0f);
-    g_mu[j] = gm;
-    g_lv[j] = glv;
-    g_pm[j] = -gm;
-    g_plv[j] = -glv - 0.5f * diff * gm;
-  }
-}
-
-// The backward's std * eps for a block. Regenerating eps costs about as much as the
-// forward, so where the forward's sample z is at hand (float32) the scaled noise is
-// recovered as z - mu instead. z = mu + std eps rounded to float32 makes z - mu off by at
-// most 2^-24 (|mu| + 2 |std eps|): where |mu| <= kRecoverRatio std that is at most
-// 2^-24 std (8 + 2 |eps|), the size of the rounding of evaluating std eps afresh. Where
-// |mu| is larger (z - mu has lost digits) or not finite, eps is regenerated from the
-// seed: the block's few such groups one by one, or the whole block when they are many.
-constexpr float kRecoverRatio = 8.0f;
-
-void regenerated_noise(uint64_t seed, int64_t begin, int64_t len, Floats v, FloatsOut noise) {
-  alignas(64) float eps[kBlock];
-  normal_block(seed, begin, len, eps);
-  for (int64_t j = 0; j < len; ++j) noise[j] = vecmath::exp(0.5f * v[j]) * eps[j];
-}
-
-// A power of two at most std = exp(logvar / 2) and more than std / 2, by exponent
-// arithmetic alone (the recovery test needs no more; an exp would cost more than the rest
-// of the backward). Defined for every input: the exponent is clamped, NaN stays NaN.
-FASTVAE_VECMATH float std_lower_bound(float logvar) {
-  using L = vecmath::Lanes<float>;
-  float log2_std = 0.72134752044448170f * logvar;  // log2(e) / 2
-  log2_std = log2_std < -126.0f ? -126.0f : log2_std;
-  log2_std = log2_std > 126.0f ? 126.0f : log2_std;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: an integer-valued float plus it shows the integer in its bits
-  const auto k = static_cast<L::Int>(L::bits(std::floor(log2_std) + shifter) - L::bits(shifter));
-  return vecmath::pow2<float>(k);
-}
-
-void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Floats v, Floats z, FloatsOut noise) {
-  if (z == nullptr) return regenerated_noise(seed, begin, len, v, noise);
-  alignas(64) int32_t lost[kBlock + 4];
-  int32_t lost_count = 0;
-  for (int64_t j = 0; j < len; ++j) {
-    noise[j] = z[j] - m[j];
-    // |mu| <= kRecoverRatio * (a power of two <= std): within the bound; NaN regenerates
-    lost[j] = !(std::fabs(m[j]) <= kRecoverRatio * std_lower_bound(v[j]));
-    lost_count += lost[j];
-  }
-  if (lost_count == 0) return;
-  if (lost_count > len / 16) return regenerated_noise(seed, begin, len, v, noise);
-  std::fill(lost + len, lost + (len + 3) / 4 * 4, 0);
-  for (int64_t first = 0; first < len; first += 4) {
-    if (!(lost[first] | lost[first + 1] | lost[first + 2] | lost[first + 3])) continue;
-    float eps[4];
-    normal_group(seed, static_cast<uint64_t>(begin + first) / 4, eps);
-    for (int64_t j = first; j < std::min(first + 4, len); ++j) noise[j] = vecmath::exp(0.5f * v[j]) * eps[j - first];
-  }
-}
+using namespace gaussian_block;
 
 enum class Reduction { kNone, kSum, kMean, kBatchMean };
 
@@ -310,18 +176,18 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
       if (fw.sample) {
         normal_block(fw.seed, begin, len, eps);
         float* zv = z_out.view(begin, s_z);
-        if (fw.kl) {
-          if (!sample_and_kl<true>(m, v, eps, zv, klv, len)) sample_and_kl<false>(m, v, eps, zv, klv, len);
-        } else if (!sample<true>(m, v, eps, zv, len)) {
-          sample<false>(m, v, eps, zv, len);
-        }
+        with_cheap_exp_first([&](auto cheap) {
+          constexpr bool kCheap = decltype(cheap)::value;
+          return fw.kl ? sample_and_kl<kCheap>(m, v, eps, zv, klv, len) : sample<kCheap>(m, v, eps, zv, len);
+        });
         z_out.commit(begin, len, zv);
       } else if (!prior) {
-        if (!kl_standard<true>(m, v, klv, len)) kl_standard<false>(m, v, klv, len);
+        with_cheap_exp_first([&](auto cheap) { return kl_standard<decltype(cheap)::value>(m, v, klv, len); });
       } else {
         const float* p_m = pm.load(begin, begin + len, s_pm);
         const float* p_lv = plv.load(begin, begin + len, s_plv);
-        if (!kl_prior<true>(m, v, p_m, p_lv, klv, len)) kl_prior<false>(m, v, p_m, p_lv, klv, len);
+        with_cheap_exp_first(
+            [&](auto cheap) { return kl_prior<decltype(cheap)::value>(m, v, p_m, p_lv, klv, len); });
       }
       if (kl_out.data) kl_out.commit(begin, len, klv);
       else if (fw.kl) partials[block] = block_sum(klv, len);
@@ -391,14 +257,20 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
         const float* g = gk.load(begin, begin + len, s_gk);
         float* g_mu = g_mu_out.view(begin, s_out[0]);
         if (sample) {
-          sample_and_kl_grad(g_z, g, scale, m, v, noise, g_mu, g_lv, len);
+          with_cheap_exp_first([&](auto cheap) {
+            return sample_and_kl_grad<decltype(cheap)::value>(g_z, g, scale, m, v, noise, g_mu, g_lv, len);
+          });
         } else if (!prior) {
-          kl_standard_grad(g, scale, m, v, g_mu, g_lv, len);
+          with_cheap_exp_first(
+              [&](auto cheap) { return kl_standard_grad<decltype(cheap)::value>(g, scale, m, v, g_mu, g_lv, len); });
         } else {
           float* g_pm = out[2].view(begin, s_out[2]);
           float* g_plv = out[3].view(begin, s_out[3]);
-          kl_prior_grad(g, scale, m, v, pm.load(begin, begin + len, s_pm), plv.load(begin, begin + len, s_plv), g_mu,
-                        g_lv, g_pm, g_plv, len);
+          const float* p_m = pm.load(begin, begin + len, s_pm);
+          const float* p_lv = plv.load(begin, begin + len, s_plv);
+          with_cheap_exp_first([&](auto cheap) {
+            return kl_prior_grad<decltype(cheap)::value>(g, scale, m, v, p_m, p_lv, g_mu, g_lv, g_pm, g_plv, len);
+          });
           out[2].commit(begin, len, g_pm);
           out[3].commit(begin, len, g_plv);
         }
