@@ -37,7 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gumbel_stream", &fastvae::gumbel_stream, "The (rows, cols) Gumbel noise of the Gumbel ops");
   // ---- Gaussian column
   m.def("reparameterize", &fastvae::reparameterize, "z = mu + exp(logvar / 2) * eps, eps from the seed's stream");
-  m.def("reparameterize_backward", &fastvae::reparameterize_backward, "Gradients of reparameterize: [logvar], or [mu, logvar] with dense_grad_mu");
+  m.def("reparameterize_backward", &fastvae::reparameterize_backward,
+        "Gradients of reparameterize: [logvar], or [mu, logvar] with dense_grad_mu");
   m.def("gaussian_kl", &fastvae::gaussian_kl, "KL of diagonal Gaussians to a (broadcast) prior, reduced");
   m.def("gaussian_kl_backward", &fastvae::gaussian_kl_backward,
         "Gradients of gaussian_kl: mu, logvar[, prior_mu, prior_logvar at mu's shape]");

@@ -155,6 +155,8 @@ __global__ void __launch_bounds__(kThreads) gaussian_kernel(const Args<T> a) {
           res[kGradPriorMu][j] = -g_mu;
           res[kGradPriorLogvar][j] = -g_lv_kl - 0.5f * diff * g_mu;
           g_lv += g_lv_kl;
+        } else if constexpr (kSample) {
+          res[kGradMu][j] = gz[j];  // written only when the call asks for a dense mu gradient
         }
         res[kGradLogvar][j] = g_lv;
       } else {
@@ -168,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) gaussian_kernel(const Args<T> a) {
     }
     if constexpr (kBackward) {
       store4(a.out[kGradLogvar], i, a.n, res[kGradLogvar]);
-      if constexpr (kKL) store4(a.out[kGradMu], i, a.n, res[kGradMu]);
+      if (kKL || a.out[kGradMu] != nullptr) store4(a.out[kGradMu], i, a.n, res[kGradMu]);
       if constexpr (kPrior) {
         store4(a.out[kGradPriorMu], i, a.n, res[kGradPriorMu]);
         store4(a.out[kGradPriorLogvar], i, a.n, res[kGradPriorLogvar]);
@@ -227,6 +229,7 @@ struct Call {
   at::Tensor in[kOperands];  // undefined: not used by this call
   at::Tensor seed;           // defined: the call samples (or differentiates a sample)
   bool backward = false, kl = false;
+  bool dense_grad_mu = false;  // a sampling backward also writes mu's gradient (grad_z)
   std::string reduction = "none";
 };
 
@@ -245,7 +248,7 @@ std::array<at::Tensor, kSlots> run(const Call& c) {
                 "seed must be a one-element int64 tensor on ", like.device());
   }
   std::array<at::Tensor, kSlots> out;
-  const bool used[kSlots] = {c.backward ? c.kl : sample, c.backward || (c.kl && !reduce), c.backward && prior,
+  const bool used[kSlots] = {c.backward ? c.kl || c.dense_grad_mu : sample, c.backward || (c.kl && !reduce), c.backward && prior,
                              c.backward && prior};
   for (int s = 0; s < kSlots; ++s) {
     if (used[s]) out[s] = at::empty(shape, like.options());
@@ -314,9 +317,10 @@ std::vector<at::Tensor> reparameterize_backward(const at::Tensor& grad_z, const 
   c.in[kLogvar] = logvar;
   c.seed = seed;
   c.backward = true;
-  at::Tensor grad_logvar = run(c)[kGradLogvar];
-  if (!dense_grad_mu) return {grad_logvar};
-  return {grad_z.clone(at::MemoryFormat::Contiguous), grad_logvar};
+  c.dense_grad_mu = dense_grad_mu;
+  const auto out = run(c);
+  if (!dense_grad_mu) return {out[kGradLogvar]};
+  return {out[kGradMu], out[kGradLogvar]};
 }
 
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const c10::optional<at::Tensor>& prior_mu,
