@@ -118,12 +118,10 @@ bool kl_prior_grad(Floats gk, float scale, Floats m, Floats v, Floats pm, Floats
 // The backward's std * eps for a block. Regenerating eps costs about as much as the
 // forward, so where the forward's sample z is at hand (float32) the scaled noise is
 // recovered as z - mu instead. z = mu + std eps rounded to float32 makes z - mu off by at
-// most 2^-24 (|mu| + 2 |std eps|): where |mu| <= kRecoverRatio std that is at most
-// 2^-24 std (8 + 2 |eps|), the size of the rounding of evaluating std eps afresh. Where
-// |mu| is larger (z - mu has lost digits) or not finite, eps is regenerated from the
-// seed: the block's few such groups one by one, or the whole block when they are many.
-constexpr float kRecoverRatio = 8.0f;
-
+// most 2^-24 (|mu| + 2 |std eps|): where |mu| <= 8 std that is at most 2^-24 std
+// (8 + 2 |eps|), the size of the rounding of evaluating std eps afresh. Where |mu| is
+// larger (z - mu has lost digits) or not finite, eps is regenerated from the seed: the
+// block's few such groups together, or the whole block when they are many.
 template <bool kNormalRange>
 bool scale_noise(Floats v, Floats eps, FloatsOut noise, int64_t len) {
   int32_t outside = 0;
@@ -137,37 +135,58 @@ inline void regenerated_noise(uint64_t seed, int64_t begin, int64_t len, Floats 
   with_cheap_exp_first([&](auto cheap) { return scale_noise<decltype(cheap)::value>(v, eps, noise, len); });
 }
 
-// A power of two at most std = exp(logvar / 2) and more than std / 2, by exponent
-// arithmetic alone (the recovery test needs no more; an exp would cost more than the rest
-// of the backward). Defined for every input: the exponent is clamped, NaN stays NaN.
-FASTVAE_VECMATH float std_lower_bound(float logvar) {
-  using L = vecmath::Lanes<float>;
-  float log2_std = 0.72134752044448170f * logvar;  // log2(e) / 2
-  log2_std = log2_std < -126.0f ? -126.0f : log2_std;
-  log2_std = log2_std > 126.0f ? 126.0f : log2_std;
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: an integer-valued float plus it shows the integer in its bits
-  const auto k = static_cast<L::Int>(L::bits(std::floor(log2_std) + shifter) - L::bits(shifter));
-  return vecmath::pow2<float>(k);
+// Lanes where z - mu has lost digits: |mu| > 8 * 2^k, 2^k a power of two at most std =
+// exp(logvar / 2) and more than std / 2 (k from logvar by exponent arithmetic alone: an
+// exp would cost more than the rest of the backward), or mu not finite. k is clamped to
+// [-126, 124] so that 8 * 2^k is a normal float; a NaN logvar gives -126 (regenerated).
+FASTVAE_VECMATH vec8::VecI digits_lost(vec8::VecF mu, vec8::VecF logvar) {
+  using namespace vec8;
+  VecF log2_std = 0.72134752044448170f * logvar;  // log2(e) / 2
+  log2_std = select(log2_std >= -126.0f, log2_std, splat(-126.0f));
+  log2_std = select(log2_std <= 124.0f, log2_std, splat(124.0f));
+  VecI k = __builtin_convertvector(log2_std, VecI);  // rounds toward zero:
+  k += (VecI)(log2_std < __builtin_convertvector(k, VecF));  // -1 where that rounded up
+  const VecI bound_bits = (k + (127 + 3)) << 23;  // 2^(k + 3)
+  return ((VecI)mu & 0x7fffffff) > bound_bits;  // NaN's bits exceed every bound
 }
 
 inline void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Floats v, Floats z, FloatsOut noise) {
+  using namespace vec8;
   if (z == nullptr) return regenerated_noise(seed, begin, len, v, noise);
-  alignas(64) int32_t lost[kMaxNormalBlock + 4];
-  int32_t lost_count = 0;
-  for (int64_t j = 0; j < len; ++j) {
-    noise[j] = z[j] - m[j];
-    // |mu| <= kRecoverRatio * (a power of two <= std): within the bound; NaN regenerates
-    lost[j] = !(std::fabs(m[j]) <= kRecoverRatio * std_lower_bound(v[j]));
-    lost_count += lost[j];
+  uint64_t lost[kMaxNormalBlock / 64] = {};  // element j: bit j % 64 of lost[j / 64]
+  int64_t lost_count = 0;
+  const auto recover = [&](int64_t j, Floats m8, Floats v8, Floats z8, FloatsOut noise8) {
+    store(noise8, load(z8) - load(m8));
+    const uint32_t bits = lane_bits(digits_lost(load(m8), load(v8)));
+    lost[j / 64] |= static_cast<uint64_t>(bits) << (j % 64);
+    lost_count += __builtin_popcount(bits);
+  };
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes) recover(j, m + j, v + j, z + j, noise + j);
+  if (j < len) {  // the tail, zero-padded (mu 0 is never lost)
+    alignas(32) float m8[kLanes] = {}, v8[kLanes] = {}, z8[kLanes] = {}, noise8[kLanes];
+    std::copy(m + j, m + len, m8);
+    std::copy(v + j, v + len, v8);
+    std::copy(z + j, z + len, z8);
+    recover(j, m8, v8, z8, noise8);
+    std::copy(noise8, noise8 + (len - j), noise + j);
   }
   if (lost_count == 0) return;
   if (lost_count > len / 16) return regenerated_noise(seed, begin, len, v, noise);
-  std::fill(lost + len, lost + (len + 3) / 4 * 4, 0);
-  for (int64_t first = 0; first < len; first += 4) {
-    if (!(lost[first] | lost[first + 1] | lost[first + 2] | lost[first + 3])) continue;
-    float eps[4];
-    normal_group(seed, static_cast<uint64_t>(begin + first) / 4, eps);
-    for (int64_t j = first; j < std::min(first + 4, len); ++j) noise[j] = vecmath::exp(0.5f * v[j]) * eps[j - first];
+  uint64_t groups[kMaxNormalBlock / 4];  // those holding a lost element, each once
+  int64_t count = 0;
+  for (int64_t word = 0; word < kMaxNormalBlock / 64; ++word) {
+    for (uint64_t bits = lost[word]; bits != 0;) {
+      const int group_in_word = __builtin_ctzll(bits) / 4;
+      groups[count++] = static_cast<uint64_t>(begin + 64 * word) / 4 + group_in_word;  // begin: a multiple of 4
+      bits &= ~(uint64_t{0xf} << (4 * group_in_word));
+    }
+  }
+  alignas(64) float eps[kMaxNormalBlock];
+  normal_groups(seed, groups, count, eps);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t first = static_cast<int64_t>(4 * groups[i]) - begin;
+    for (int64_t e = first; e < std::min(first + 4, len); ++e) noise[e] = vecmath::exp(0.5f * v[e]) * eps[4 * i + e - first];
   }
 }
 

@@ -47,6 +47,19 @@ FASTVAE_VEC_INLINE VecF select(VecI mask, VecF a, VecF b) { return (VecF)(((VecI
 FASTVAE_VEC_INLINE VecI select(VecI mask, VecI a, VecI b) { return (a & mask) | (b & ~mask); }
 FASTVAE_VEC_INLINE VecF max(VecF a, VecF b) { return select(a > b, a, b); }
 
+// Bit l set where lane l of mask is true.
+FASTVAE_VEC_INLINE uint32_t lane_bits(VecI mask) {
+#if defined(__AVX2__)
+  __m256 m;
+  std::memcpy(&m, &mask, sizeof m);
+  return static_cast<uint32_t>(_mm256_movemask_ps(m));
+#else
+  uint32_t bits = 0;
+  for (int lane = 0; lane < kLanes; ++lane) bits |= static_cast<uint32_t>(mask[lane] != 0) << lane;
+  return bits;
+#endif
+}
+
 }  // namespace vec8
 
 // vecmath.h's exp and log on eight lanes at once.
