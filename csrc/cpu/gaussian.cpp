@@ -245,15 +245,13 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
       const float* m = kl || recover ? mu.load(begin, begin + len, s_mu) : nullptr;
       float* g_lv = g_lv_out.view(begin, s_out[1]);
       const float* g_z = sample ? gz.load(begin, begin + len, s_gz) : nullptr;
-      if (sample) scaled_noise(bw.seed, begin, len, m, v, recover ? z.load(begin, begin + len, s_z) : nullptr, noise);
+      const float* z_v = recover ? z.load(begin, begin + len, s_z) : nullptr;  // null: regenerate the noise
       if (!kl) {
-        sample_grad(g_z, noise, g_lv, len);
-        if (bw.dense_grad_mu) {
-          float* g_mu = g_mu_out.view(begin, s_out[0]);
-          std::copy(g_z, g_z + len, g_mu);
-          g_mu_out.commit(begin, len, g_mu);
-        }
+        float* g_mu = bw.dense_grad_mu ? g_mu_out.view(begin, s_out[0]) : nullptr;
+        sample_grad_pass(bw.seed, begin, len, g_z, m, v, z_v, g_lv, g_mu);
+        if (g_mu != nullptr) g_mu_out.commit(begin, len, g_mu);
       } else {
+        if (sample) scaled_noise(bw.seed, begin, len, m, v, z_v, noise);
         const float* g = gk.load(begin, begin + len, s_gk);
         float* g_mu = g_mu_out.view(begin, s_out[0]);
         if (sample) {

@@ -36,6 +36,18 @@ FASTVAE_VEC_INLINE VecF load(const float* p) {
   return v;
 }
 FASTVAE_VEC_INLINE void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+// The first `count` (at most kLanes) lanes only: a block's ragged end. Loaded lanes past
+// count are zero.
+FASTVAE_VEC_INLINE VecF load_first(const float* p, int64_t count) {
+  if (count == kLanes) return load(p);
+  VecF v{};
+  std::memcpy(&v, p, sizeof(float) * count);
+  return v;
+}
+FASTVAE_VEC_INLINE void store_first(float* p, VecF v, int64_t count) {
+  if (count == kLanes) return store(p, v);
+  std::memcpy(p, &v, sizeof(float) * count);
+}
 // p[0..15] = a0 b0 a1 b1 ... a7 b7
 FASTVAE_VEC_INLINE void store(float* p, VecF a, VecF b) {
   store(p, __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11));
