@@ -227,7 +227,7 @@ inline void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Fl
 
 // The sampling backward alone, g_lv = gz std eps / 2 (and g_mu = gz where asked), in one
 // pass over memory where z is at hand: the loads and the stores that miss the cache then
-// overlap (a pass per output was measured 1.5x slower at (4096, 512)).
+// overlap (a pass per output measured 1.5x slower on one core at (4096, 512)).
 inline void sample_grad_pass(uint64_t seed, int64_t begin, int64_t len, Floats gz, Floats m, Floats v, Floats z,
                              FloatsOut g_lv, FloatsOut g_mu) {
   using namespace vec8;
