@@ -6,8 +6,8 @@
 // tensor itself when it is contiguous float32, else converted/gathered into an L1
 // scratch array (half types, row-strided slices, broadcast priors). The block's noise is
 // generated group-parallel into scratch (it never reaches main memory), the arithmetic
-// runs over plain float arrays (gaussian_block.h), and each output is
-// written once. A KL reduction keeps one float32 partial per block; the partials are
+// runs over plain float arrays (gaussian_block.h), and each output is written once; the
+// sampling backward reads its inputs and writes its outputs in one pass (sample_grad_pass). A KL reduction keeps one float32 partial per block; the partials are
 // added in block order in double, so the result has the same bits run after run and
 // for any thread count.
 #include <ATen/Parallel.h>
@@ -225,7 +225,7 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
              lv_rows = rows_of(bw.logvar), z_rows = rows_of(bw.z);
   const Rows pm_rows = prior_rows(bw.prior_mu, prior, bw.logvar),
              plv_rows = prior_rows(bw.prior_logvar, prior, bw.logvar);
-  // Half-precision samples keep too few digits to recover the noise from (scaled_noise).
+  // Half-precision samples keep too few digits to recover the noise from (RecoveredNoise).
   const bool recover = sample && bw.z.defined() && bw.mu.defined() && dtype == at::kFloat;
   std::vector<at::Tensor> grads;
   for (int count = prior ? 4 : kl || bw.dense_grad_mu ? 2 : 1; count > 0; --count) {

@@ -1,6 +1,7 @@
 // Gaussian column, CPU: the arithmetic of each op over one block of at most
 // kMaxNormalBlock elements held as float32 arrays. csrc/cpu/gaussian.cpp cuts tensors into
-// blocks, loads them, and calls these; each loop vectorises (restrict: no aliasing).
+// blocks, loads them, and calls these; each loop vectorises (restrict: no aliasing), and
+// the backward's noise recovery, which needs lane masks, is written with vec8 vectors.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -8,6 +9,7 @@
 #include <type_traits>
 
 #include "normal_block.h"
+#include "vec8.h"
 #include "vecmath.h"
 
 namespace fastvae {
@@ -193,7 +195,8 @@ class RecoveredNoise {
         bits &= ~(uint64_t{0xf} << (4 * group_in_word));
       }
     }
-    alignas(64) float eps[4 * kMaxLostGroups], lost_v[4 * kMaxLostGroups] = {}, lost_eps[4 * kMaxLostGroups] = {};
+    alignas(64) float eps[4 * kMaxLostGroups], lost_v[4 * kMaxLostGroups] = {}, lost_eps[4 * kMaxLostGroups] = {},
+        scaled[4 * kMaxLostGroups];
     normal_groups(seed, groups, count, eps);
     int64_t elements[4 * kMaxLostGroups], lost_elements = 0;  // the groups' elements inside the block
     for (int64_t i = 0; i < 4 * count; ++i) {
@@ -204,9 +207,9 @@ class RecoveredNoise {
       lost_eps[lost_elements++] = eps[i];
     }
     with_cheap_exp_first([&](auto cheap) {
-      return scale_noise<decltype(cheap)::value>(lost_v, lost_eps, eps, lost_elements);  // eps: now std * eps
+      return scale_noise<decltype(cheap)::value>(lost_v, lost_eps, scaled, lost_elements);
     });
-    for (int64_t k = 0; k < lost_elements; ++k) redo(elements[k], eps[k]);
+    for (int64_t k = 0; k < lost_elements; ++k) redo(elements[k], scaled[k]);
     return true;
   }
 
