@@ -50,7 +50,7 @@ setup(
     name="fastvae",
     version="0.1.0",
     description="Fused kernels for the stochastic layers of VAE-family models",
-    packages=["fastvae", "fastvae.ops", "fastvae.kernels"],
+    packages=["fastvae", "fastvae.ops", "fastvae.nn", "fastvae.kernels"],
     package_dir={"fastvae.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],

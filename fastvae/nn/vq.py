@@ -1,66 +1,8 @@
-"""``torch.nn`` layers over the functional ops: drop-in modules for VAE-family models."""
+"""VQ column layers: the VQ-VAE quantizer (gradient or EMA codebook, dead-code restarts, usage statistics)."""
 import torch
 from torch import nn
 
-from . import ops
-from .ops._common import check_reduction
-
-
-class Reparameterize(nn.Module):
-    """``z = mu + exp(logvar / 2) * eps``: the reparameterized Gaussian sample.
-
-    ``forward(mu, logvar)`` returns ``z``; in ``eval()`` mode it returns ``mu`` when
-    ``sample_in_eval=False`` (the usual deterministic encoding at inference).
-    """
-
-    def __init__(self, sample_in_eval=True):
-        super().__init__()
-        self.sample_in_eval = sample_in_eval
-
-    def forward(self, mu, logvar):
-        if not self.training and not self.sample_in_eval:
-            return mu
-        return ops.reparameterize(mu, logvar)
-
-    def extra_repr(self):
-        return f"sample_in_eval={self.sample_in_eval}"
-
-
-class GaussianKL(nn.Module):
-    """``KL(N(mu, exp(logvar)) || prior)`` with a standard normal prior by default.
-
-    ``forward(mu, logvar, prior_mu=None, prior_logvar=None)``; ``beta`` scales the
-    result (beta-VAE).
-    """
-
-    def __init__(self, reduction="batchmean", beta=1.0):
-        super().__init__()
-        check_reduction(reduction)
-        self.reduction, self.beta = reduction, beta
-
-    def forward(self, mu, logvar, prior_mu=None, prior_logvar=None):
-        kl = ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction=self.reduction)
-        return kl if self.beta == 1.0 else self.beta * kl
-
-    def extra_repr(self):
-        return f"reduction={self.reduction!r}, beta={self.beta}"
-
-
-class GumbelSoftmax(nn.Module):
-    """Gumbel-Softmax sample over ``dim`` (straight-through one-hot when ``hard``).
-
-    ``tau`` is a plain attribute so that annealing schedules can set it between steps.
-    """
-
-    def __init__(self, tau=1.0, hard=False, dim=-1):
-        super().__init__()
-        self.tau, self.hard, self.dim = tau, hard, dim
-
-    def forward(self, logits):
-        return ops.gumbel_softmax(logits, self.tau, self.hard, dim=self.dim)
-
-    def extra_repr(self):
-        return f"tau={self.tau}, hard={self.hard}, dim={self.dim}"
+from .. import ops
 
 
 class VectorQuantizer(nn.Module):

@@ -1,0 +1,10 @@
+"""``torch.nn`` layers over the functional ops: drop-in modules for VAE-family models.
+
+One module per op column (``gaussian``, ``gumbel``, ``vq``); every layer is importable as
+``fastvae.nn.<Name>``.
+"""
+from .gaussian import GaussianKL, Reparameterize
+from .gumbel import GumbelSoftmax
+from .vq import VectorQuantizer
+
+__all__ = ["Reparameterize", "GaussianKL", "GumbelSoftmax", "VectorQuantizer"]
