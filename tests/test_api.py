@@ -48,3 +48,21 @@ def test_layers_compose_in_a_model():
     assert torch.equal(y.sum(-1), torch.ones(5))
     y.sum().backward()
     assert model[0].weight.grad is not None
+
+
+def test_python_m_fastvae_reports_what_a_bug_report_needs():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTVAE_BACKEND="torch", TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-m", "fastvae"], capture_output=True, text=True, env=env, check=True,
+                         cwd=os.path.dirname(os.path.dirname(fastvae.__file__))).stdout
+    assert f"fastvae {fastvae.__version__}" in out and f"torch {torch.__version__}" in out
+    assert "selected backend: torch" in out
+    # Every backend has a line; the Triton one says why it runs nothing here (no CUDA, interpreter off).
+    for name in ("triton", "native", "torch"):
+        assert f"  {name}: " in out
+    if not torch.cuda.is_available():
+        assert "triton: " in out and "TRITON_INTERPRET=1" in out.split("triton: ", 1)[1].splitlines()[0]
+    assert "threads: torch " in out and "cpu: " in out and "cuda" in out
