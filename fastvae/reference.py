@@ -234,8 +234,10 @@ def _categorical_terms(logits2d, prior2d):
         log_q = torch.full_like(log_p, -math.log(logits2d.shape[-1]))
     else:
         log_q = torch.log_softmax(prior2d.to(ct), dim=-1)
-    # Classes with p = 0 (masked logits) contribute 0, whatever q is.
-    pointwise = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    # Classes with p = 0 (masked logits) contribute 0, whatever q is. The inner where keeps
+    # their -inf log p out of the product, whose derivative (a double backward) would be NaN.
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    pointwise = torch.where(p > 0, p * log_ratio, torch.zeros_like(p))
     return p, log_q, pointwise.sum(dim=-1)
 
 
@@ -312,11 +314,15 @@ def vector_quantize(x, codebook, beta):
 
 
 def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, beta):
-    """Straight-through + commitment gradient for x; codebook term for the codebook."""
+    """Straight-through + commitment gradient for x; codebook term for the codebook.
+
+    Differentiable as autograd of the loss formula is: its stop-gradients make x's
+    gradient constant in the codebook and the codebook's constant in x.
+    """
     ct = compute_dtype(x)
-    diff = x.to(ct) - codebook.to(ct)[indices]  # x - e
+    xc, code = x.to(ct), codebook.to(ct)[indices]
     scale = grad_loss.to(ct) * 2.0 / max(x.numel(), 1)
-    grad_x = grad_quantized.to(ct) + beta * scale * diff
-    grad_codebook = torch.zeros(codebook.shape, dtype=ct, device=codebook.device)
-    grad_codebook.index_add_(0, indices, -scale * diff)
+    grad_x = grad_quantized.to(ct) + beta * scale * (xc - code.detach())
+    zeros = torch.zeros(codebook.shape, dtype=ct, device=codebook.device)
+    grad_codebook = zeros.index_add(0, indices, scale * (code - xc.detach()))  # out of place: vmap-able
     return grad_x.to(x.dtype).contiguous(), grad_codebook.to(codebook.dtype)

@@ -1,7 +1,8 @@
 """VQ column: nearest_code (exhaustive nearest-codebook search) and vector_quantize."""
 import torch
 
-from ._common import check_float, define
+from .. import reference
+from ._common import apply, check_float, define
 
 _nearest_code = define(
     "nearest_code(Tensor x, Tensor codebook) -> (Tensor, Tensor)",
@@ -13,17 +14,26 @@ _vector_quantize_backward = define(
     "vector_quantize_backward(Tensor grad_quantized, Tensor grad_loss, Tensor x, Tensor codebook, "
     "Tensor indices, float beta) -> (Tensor, Tensor)",
     lambda grad_quantized, grad_loss, x, codebook, indices, beta: (x.new_empty(x.shape),
-                                                                    codebook.new_empty(codebook.shape)))
+                                                                    codebook.new_empty(codebook.shape)),
+    reference.vector_quantize_backward)
 
 
+# setup_context-style with a generated vmap rule, for torch.func. The backward is linear
+# in x and the codebook given the saved indices; under create_graph=True it runs as a
+# differentiable formula (see define), and second derivatives through the indices are 0.
 class _VectorQuantize(torch.autograd.Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, codebook, beta):
-        quantized, indices, loss = _vector_quantize(x, codebook, beta)
+    def forward(x, codebook, beta):
+        return _vector_quantize(x, codebook, beta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        x, codebook, ctx.beta = inputs
+        _, indices, _ = outputs
         ctx.save_for_backward(x, codebook, indices)
-        ctx.beta = beta
         ctx.mark_non_differentiable(indices)
-        return quantized, indices, loss
 
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices, grad_loss):
@@ -78,7 +88,7 @@ def vector_quantize(x, codebook, *, beta=0.25):
     flat, codebook = _flatten(x, codebook)
     beta = float(beta)
     if torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad):
-        quantized, indices, loss = _VectorQuantize.apply(flat, codebook, beta)
+        quantized, indices, loss = apply(_VectorQuantize, flat, codebook, beta)
     else:
         quantized, indices, loss = _vector_quantize(flat, codebook, beta)
     return quantized.reshape(x.shape), indices.reshape(x.shape[:-1]), loss
