@@ -1,6 +1,7 @@
 """What every op file shares: the custom-op library, autograd plumbing, argument checks
 and seed drawing."""
 import torch
+from torch.autograd import forward_ad
 from torch.utils._pytree import tree_map
 
 from .. import _backend
@@ -70,14 +71,40 @@ def _vmap_per_sample(op):
     return rule
 
 
-def apply(function, *args):
-    """``function.apply(*args)`` for the ops' autograd Functions.
+class OpFunction(torch.autograd.Function):
+    """Base of the ops' autograd Functions.
 
-    They are written ``setup_context``-style, which ``torch.func`` transforms need, but
-    then ``Function.apply`` binds the arguments through ``inspect.signature`` first
-    (about 9 us a call, doubling small ops' overhead; the Functions have no defaults to
-    bind). Outside transforms and compilation this calls the C++ apply that
-    ``Function.apply`` ends in directly.
+    Subclasses are ``setup_context``-style (``forward`` without ``ctx``) and have a
+    generated vmap rule, which ``torch.func`` transforms need; call them through
+    :func:`apply`. Their backward ops switch to differentiable formulas under
+    ``create_graph=True`` (see :func:`define`). Forward-mode AD is not implemented.
+    """
+    generate_vmap_rule = True
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            "fastvae ops support reverse-mode autograd only (backward, double backward, torch.func.grad, vjp, "
+            "jacrev, vmap); forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+            "implemented. For a Hessian use torch.func.jacrev(torch.func.jacrev(f)).")
+
+
+def needs_autograd(*tensors):
+    """Whether an op must run through its :class:`OpFunction`: some input requires grad
+    (grad mode on), or a ``torch.func`` transform or a forward-mode dual level is active.
+    The bare kernels have no derivatives at all and would silently give none."""
+    if functorch_active() or forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def apply(function, *args):
+    """``function.apply(*args)`` for an :class:`OpFunction`.
+
+    For a ``setup_context``-style Function, ``Function.apply`` binds the arguments
+    through ``inspect.signature`` first: about 9 us a call, doubling small ops'
+    overhead, with no defaults to bind. Outside transforms and compilation this calls
+    the C++ apply that ``Function.apply`` ends in directly.
     """
     if functorch_active() or torch.compiler.is_compiling():
         return function.apply(*args)

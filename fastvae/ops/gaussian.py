@@ -2,7 +2,7 @@
 import torch
 
 from .. import reference
-from ._common import apply, check_float, check_like, check_reduction, define, draw_seed
+from ._common import OpFunction, apply, check_float, check_like, check_reduction, define, draw_seed, needs_autograd
 
 
 def _like(t):
@@ -42,11 +42,7 @@ _reparameterize_kl_backward = define(
 # The sampling Functions save their output z: a backend may recover std * eps = z - mu
 # from it instead of regenerating the noise (see reference.reparameterize_backward). As
 # with torch.exp, modifying z in place before backward is then an error.
-# The Functions are setup_context-style with a generated vmap rule, for torch.func; the
-# backward ops take their differentiable formula under create_graph=True (see define).
-class _Reparameterize(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _Reparameterize(OpFunction):
     @staticmethod
     def forward(mu, logvar, seed):
         return _reparameterize(mu, logvar, seed)
@@ -68,9 +64,7 @@ class _Reparameterize(torch.autograd.Function):
         return grads[0] if dense_grad_mu else grad_z, grads[-1], None
 
 
-class _GaussianKL(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _GaussianKL(OpFunction):
     @staticmethod
     def forward(mu, logvar, prior_mu, prior_logvar, reduction):
         return _gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction)
@@ -92,9 +86,7 @@ class _GaussianKL(torch.autograd.Function):
         return grads[0], grads[1], g_prior_mu, g_prior_logvar, None
 
 
-class _ReparameterizeKL(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _ReparameterizeKL(OpFunction):
     @staticmethod
     def forward(mu, logvar, seed, reduction):
         return _reparameterize_kl(mu, logvar, seed, reduction)
@@ -109,10 +101,6 @@ class _ReparameterizeKL(torch.autograd.Function):
         mu, logvar, z, seed = ctx.saved_tensors
         g_mu, g_logvar = _reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, z, seed, ctx.reduction)
         return g_mu, g_logvar, None, None
-
-
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_pair(mu, logvar):
@@ -134,7 +122,7 @@ def reparameterize(mu, logvar, *, generator=None):
     """
     _check_pair(mu, logvar)
     seed = draw_seed(mu.device, generator)
-    if _needs_grad(mu, logvar):
+    if needs_autograd(mu, logvar):
         return apply(_Reparameterize, mu, logvar, seed)
     return _reparameterize(mu, logvar, seed)
 
@@ -167,7 +155,7 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
     check_reduction(reduction)
     prior_mu = _check_prior("prior_mu", prior_mu, mu)
     prior_logvar = _check_prior("prior_logvar", prior_logvar, mu)
-    if _needs_grad(mu, logvar, prior_mu, prior_logvar):
+    if needs_autograd(mu, logvar, prior_mu, prior_logvar):
         return apply(_GaussianKL, mu, logvar, prior_mu, prior_logvar, reduction)
     return _gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction)
 
@@ -178,6 +166,6 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", generator=None):
     _check_pair(mu, logvar)
     check_reduction(reduction)
     seed = draw_seed(mu.device, generator)
-    if _needs_grad(mu, logvar):
+    if needs_autograd(mu, logvar):
         return apply(_ReparameterizeKL, mu, logvar, seed, reduction)
     return _reparameterize_kl(mu, logvar, seed, reduction)

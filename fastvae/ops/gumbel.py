@@ -5,7 +5,7 @@ import numbers
 import torch
 
 from .. import reference
-from ._common import apply, check_dim, check_float, check_reduction, define, draw_seed
+from ._common import OpFunction, apply, check_dim, check_float, check_reduction, define, draw_seed, needs_autograd
 
 
 def _categorical_kl_fake(logits, prior_logits, dim, reduction):
@@ -31,11 +31,7 @@ _categorical_kl_backward = define(
     reference.categorical_kl_backward)
 
 
-# setup_context-style Functions with a generated vmap rule, for torch.func; the backward
-# ops take their differentiable formula under create_graph=True (see define).
-class _GumbelSoftmax(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _GumbelSoftmax(OpFunction):
     @staticmethod
     def forward(logits, seed, tau, hard, dim):
         return _gumbel_softmax(logits, seed, tau, hard, dim)
@@ -63,9 +59,7 @@ class _GumbelSoftmax(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-class _CategoricalKL(torch.autograd.Function):
-    generate_vmap_rule = True
-
+class _CategoricalKL(OpFunction):
     @staticmethod
     def forward(logits, prior_logits, dim, reduction):
         return _categorical_kl(logits, prior_logits, dim, reduction)
@@ -112,7 +106,7 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
     seed = draw_seed(logits.device, generator)
     tau = float(tau)
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if needs_autograd(logits):
         return apply(_GumbelSoftmax, logits, seed, tau, hard, dim)
     return _gumbel_softmax(logits, seed, tau, hard, dim)
 
@@ -140,8 +134,6 @@ def categorical_kl(logits, prior_logits=None, *, dim=-1, reduction="batchmean"):
             raise ValueError(f"prior_logits of shape {tuple(prior_logits.shape)} does not broadcast to logits' "
                              f"shape {tuple(logits.shape)}")
         prior_logits = prior_logits if prior_logits.dtype == logits.dtype else prior_logits.to(logits.dtype)
-    needs_grad = torch.is_grad_enabled() and (logits.requires_grad or (
-        prior_logits is not None and prior_logits.requires_grad))
-    if needs_grad:
+    if needs_autograd(logits, prior_logits):
         return apply(_CategoricalKL, logits, prior_logits, dim, reduction)
     return _categorical_kl(logits, prior_logits, dim, reduction)

@@ -2,7 +2,7 @@
 import torch
 
 from .. import reference
-from ._common import apply, check_float, define
+from ._common import OpFunction, apply, check_float, define, needs_autograd
 
 _nearest_code = define(
     "nearest_code(Tensor x, Tensor codebook) -> (Tensor, Tensor)",
@@ -18,12 +18,9 @@ _vector_quantize_backward = define(
     reference.vector_quantize_backward)
 
 
-# setup_context-style with a generated vmap rule, for torch.func. The backward is linear
-# in x and the codebook given the saved indices; under create_graph=True it runs as a
-# differentiable formula (see define), and second derivatives through the indices are 0.
-class _VectorQuantize(torch.autograd.Function):
-    generate_vmap_rule = True
-
+# The backward is linear in x and the codebook given the saved indices: its formula
+# (create_graph=True, see define) has second derivatives through the indices of 0.
+class _VectorQuantize(OpFunction):
     @staticmethod
     def forward(x, codebook, beta):
         return _vector_quantize(x, codebook, beta)
@@ -87,7 +84,7 @@ def vector_quantize(x, codebook, *, beta=0.25):
         raise TypeError(f"beta must be a number, got {type(beta).__name__}")
     flat, codebook = _flatten(x, codebook)
     beta = float(beta)
-    if torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad):
+    if needs_autograd(x, codebook):
         quantized, indices, loss = apply(_VectorQuantize, flat, codebook, beta)
     else:
         quantized, indices, loss = _vector_quantize(flat, codebook, beta)
