@@ -77,16 +77,11 @@ class OpFunction(torch.autograd.Function):
     Subclasses are ``setup_context``-style (``forward`` without ``ctx``) and have a
     generated vmap rule, which ``torch.func`` transforms need; call them through
     :func:`apply`. Their backward ops switch to differentiable formulas under
-    ``create_graph=True`` (see :func:`define`). Forward-mode AD is not implemented.
+    ``create_graph=True`` (see :func:`define`). Forward-mode AD is not implemented: it
+    raises PyTorch's "You must implement the jvp function" (a ``jvp`` staticmethod,
+    even one raising a clearer error, would stop Dynamo from tracing the Function).
     """
     generate_vmap_rule = True
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        raise NotImplementedError(
-            "fastvae ops support reverse-mode autograd only (backward, double backward, torch.func.grad, vjp, "
-            "jacrev, vmap); forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
-            "implemented. For a Hessian use torch.func.jacrev(torch.func.jacrev(f)).")
 
 
 def needs_autograd(*tensors):
