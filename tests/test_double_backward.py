@@ -13,7 +13,7 @@ import fastvae
 from fastvae import reference
 from fastvae.ops._common import draw_seed
 
-from helpers import assert_close, randn, requires
+from helpers import DTYPES, assert_close, randn, requires
 
 SEED = 2024
 NEG_INF = float("-inf")
@@ -161,7 +161,7 @@ def test_gradgradcheck_float64(name, choice):
                                             (codebook,))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 def test_kl_plus_cube_has_second_derivative_one_plus_six_mu(backend, dtype):
     """The issue's example: d2/dmu2 of gaussian_kl(sum) + sum(mu^3) is 1 + 6 mu."""
     if dtype == torch.float64 and backend != "torch":
