@@ -103,7 +103,8 @@ def test_per_sample_gradients(backend):
 
 
 RANDOM_FUNCTIONS = {
-    "reparameterize": (("reparameterize",), lambda x, generator=None: fastvae.reparameterize(x, x, generator=generator)),
+    "reparameterize": (("reparameterize",),
+                       lambda x, generator=None: fastvae.reparameterize(x, x, generator=generator)),
     "gumbel_softmax": (("gumbel_softmax",), lambda x, generator=None: fastvae.gumbel_softmax(x, generator=generator)),
 }
 
