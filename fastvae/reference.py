@@ -50,7 +50,8 @@ def _mulhilo(const, x):
 
 
 def philox4x32(seed, c0, c1, c2, c3, rounds=10):
-    """Philox-4x32 on int64 tensors holding uint32 counters; returns four such tensors."""
+    """Philox-4x32 on int64 tensors holding uint32 counters; returns four such tensors.
+    ``seed``: the 64-bit key, an int or an int64 tensor (two's complement)."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(rounds):
         hi_a, lo_a = _mulhilo(_PHILOX_ROUND_A, c0)
@@ -65,8 +66,10 @@ def uint_to_uniform(r, dtype=torch.float32):
     return ((r >> 9).to(dtype) + 0.5) * 2.0**-23
 
 
-def _seed_int(seed):
-    return int(seed.reshape(-1)[0]) & 0xFFFFFFFFFFFFFFFF
+def _seed_key(seed):
+    """The seed as the 0-d int64 tensor ``philox4x32`` keys with: kept a tensor (not a
+    Python int) so the streams also run under ``torch.func.vmap`` with a seed per sample."""
+    return seed.reshape(-1)[0]
 
 
 def normal_stream(seed, shape, device, dtype=torch.float32):
@@ -74,7 +77,7 @@ def normal_stream(seed, shape, device, dtype=torch.float32):
     n = math.prod(shape)
     groups = torch.arange((n + 3) // 4, device=device, dtype=torch.int64)
     zero = torch.zeros_like(groups)
-    r = philox4x32(_seed_int(seed), groups & _MASK32, groups >> 32, zero, zero)
+    r = philox4x32(_seed_key(seed), groups & _MASK32, groups >> 32, zero, zero)
     u0, u1, u2, u3 = (uint_to_uniform(x, dtype) for x in r)
     rad01, rad23 = torch.sqrt(-2.0 * torch.log(u0)), torch.sqrt(-2.0 * torch.log(u2))
     th01, th23 = _TWO_PI * u1, _TWO_PI * u3
@@ -86,7 +89,7 @@ def gumbel_stream(seed, rows, cols, device, dtype=torch.float32):
     """The ``(rows, cols)`` Gumbel(0, 1) noise the Gumbel ops use for ``seed``."""
     row = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
     col = torch.arange(cols, device=device, dtype=torch.int64)[None, :]
-    lanes = philox4x32(_seed_int(seed), (col >> 2) + 0 * row, (row & _MASK32) + 0 * col, (row >> 32) + 0 * col,
+    lanes = philox4x32(_seed_key(seed), (col >> 2) + 0 * row, (row & _MASK32) + 0 * col, (row >> 32) + 0 * col,
                        torch.zeros(rows, cols, device=device, dtype=torch.int64))
     lane = (col & 3).expand(rows, cols)
     r = torch.where(lane == 0, lanes[0], torch.where(lane == 1, lanes[1], torch.where(lane == 2, lanes[2], lanes[3])))
@@ -234,8 +237,10 @@ def _categorical_terms(logits2d, prior2d):
         log_q = torch.full_like(log_p, -math.log(logits2d.shape[-1]))
     else:
         log_q = torch.log_softmax(prior2d.to(ct), dim=-1)
-    # Classes with p = 0 (masked logits) contribute 0, whatever q is.
-    pointwise = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    # Classes with p = 0 (masked logits) contribute 0, whatever q is. The inner where keeps
+    # their -inf log p out of the product, whose derivative (a double backward) would be NaN.
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+    pointwise = torch.where(p > 0, p * log_ratio, torch.zeros_like(p))
     return p, log_q, pointwise.sum(dim=-1)
 
 
@@ -312,11 +317,15 @@ def vector_quantize(x, codebook, beta):
 
 
 def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, beta):
-    """Straight-through + commitment gradient for x; codebook term for the codebook."""
+    """Straight-through + commitment gradient for x; codebook term for the codebook.
+
+    Differentiable as autograd of the loss formula is: its stop-gradients make x's
+    gradient constant in the codebook and the codebook's constant in x.
+    """
     ct = compute_dtype(x)
-    diff = x.to(ct) - codebook.to(ct)[indices]  # x - e
+    xc, code = x.to(ct), codebook.to(ct)[indices]
     scale = grad_loss.to(ct) * 2.0 / max(x.numel(), 1)
-    grad_x = grad_quantized.to(ct) + beta * scale * diff
-    grad_codebook = torch.zeros(codebook.shape, dtype=ct, device=codebook.device)
-    grad_codebook.index_add_(0, indices, -scale * diff)
+    grad_x = grad_quantized.to(ct) + beta * scale * (xc - code.detach())
+    zeros = torch.zeros(codebook.shape, dtype=ct, device=codebook.device)
+    grad_codebook = zeros.index_add(0, indices, scale * (code - xc.detach()))  # out of place: vmap-able
     return grad_x.to(x.dtype).contiguous(), grad_codebook.to(codebook.dtype)

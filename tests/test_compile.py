@@ -102,3 +102,34 @@ def test_inductor_compiles_a_vae_step():
     with torch._inductor.config.patch(fallback_random=True):
         _compare_compiled(step, [torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 5), torch.randn(7, 3),
                                  torch.randn(5, 3)], compile_backend="inductor")
+
+
+def test_generator_argument_breaks_fullgraph_but_compiles_with_a_graph_break(backend):
+    """Dynamo cannot put a torch.Generator in a graph (plain torch.randn(generator=) fails
+    the same way): fullgraph=True raises; the default mode breaks the graph there and
+    matches eager."""
+    requires(backend, "reparameterize")
+    mu, logvar = torch.randn(3, 4), torch.randn(3, 4)
+
+    def sample(mu, logvar, generator):
+        return fastvae.reparameterize(mu, logvar, generator=generator)
+
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(sample, fullgraph=True, backend="aot_eager")(mu, logvar, torch.Generator().manual_seed(5))
+    torch._dynamo.reset()
+    compiled = torch.compile(sample, backend="aot_eager")(mu, logvar, torch.Generator().manual_seed(5))
+    assert torch.equal(compiled, sample(mu, logvar, torch.Generator().manual_seed(5)))
+
+
+def test_double_backward_through_a_compiled_function_is_an_error(backend):
+    """AOTAutograd has no double backward: PyTorch raises (never a silent drop); eager
+    second derivatives are tested in test_double_backward.py."""
+    requires(backend, "gaussian_kl", "gaussian_kl_backward")
+    mu, logvar = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    torch._dynamo.reset()
+    kl = torch.compile(lambda mu, logvar: fastvae.gaussian_kl(mu, logvar, reduction="sum"), fullgraph=True,
+                       backend="aot_eager")(mu, logvar)
+    grad_mu, = torch.autograd.grad(kl, mu, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grad_mu.sum(), mu)

@@ -1,21 +1,32 @@
-"""What every op file shares: the custom-op library, argument checks and seed drawing."""
+"""What every op file shares: the custom-op library, autograd plumbing, argument checks
+and seed drawing."""
 import torch
+from torch.autograd import forward_ad
+from torch.utils._pytree import tree_map
 
 from .. import _backend
 
 LIB = torch.library.Library("fastvae", "DEF")
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 _SEED_BOUND = 2**63 - 1
+functorch_active = torch._C._are_functorch_transforms_active
 
 
-def define(schema, fake):
+def define(schema, fake, formula=None):
     """Define ``fastvae::<name>`` from ``schema``; return the function that calls it.
 
     The op is registered as CompositeExplicitAutograd (every device key) with a fake
     implementation, so ``torch.compile``/``torch.export``/fake tensors treat it as one
     opaque node; autograd comes from the caller's ``torch.autograd.Function``. In plain
     eager calls the returned function skips the dispatcher round trip (about 5 us) and
-    calls the chosen backend directly: same implementation, same result.
+    calls the chosen backend directly: same implementation, same result. Under
+    ``torch.func.vmap`` the op runs once per sample (see :func:`_vmap_per_sample`).
+
+    ``formula`` (backward ops) is the same computation in differentiable PyTorch (the
+    reference's): called with grad mode on, which in a backward means
+    ``create_graph=True``, the op runs it instead of the kernel, so autograd records the
+    graph and second derivatives are exact. Kernels record nothing, so leaving them there
+    would silently drop the op's terms from the second derivative.
     """
     name = schema.split("(", 1)[0]
     LIB.define(schema)
@@ -27,15 +38,72 @@ def define(schema, fake):
     LIB.impl(name, run, "CompositeExplicitAutograd")
     torch.library.register_fake(f"fastvae::{name}", fake, lib=LIB)
     op = getattr(torch.ops.fastvae, name).default
+    torch.library.register_vmap(op, _vmap_per_sample(op), lib=LIB)
     is_compiling, dispatch_modes = torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack
+    grad_enabled = torch.is_grad_enabled
 
     def call(first, *rest):
-        if not is_compiling() and type(first) is torch.Tensor and not dispatch_modes():
+        if formula is not None and grad_enabled():
+            return formula(first, *rest)
+        if not is_compiling() and type(first) is torch.Tensor and not dispatch_modes() and not functorch_active():
             return lookup(name, first)(first, *rest)
         return op(first, *rest)
 
     call.__name__ = call.__qualname__ = name
     return call
+
+
+def _vmap_per_sample(op):
+    """A ``torch.func.vmap`` rule that runs ``op`` on each sample and stacks the results.
+
+    The kernels need plain tensors, and the ops mix batched and unbatched arguments.
+    The seed of a random op is an argument like any other: drawn once under
+    ``vmap(..., randomness="same")`` (every sample gets the same noise, as the one call
+    on that sample would), once per sample under ``"different"``; under the default
+    ``"error"`` drawing it raises, as any random PyTorch op does.
+    """
+    def rule(info, in_dims, *args):
+        samples = [op(*[arg if dim is None else arg.select(dim, b) for arg, dim in zip(args, in_dims)])
+                   for b in range(info.batch_size)]
+        stacked = tree_map(lambda *per_sample: torch.stack(per_sample), *samples)
+        return stacked, tree_map(lambda _: 0, stacked)
+
+    return rule
+
+
+class OpFunction(torch.autograd.Function):
+    """Base of the ops' autograd Functions.
+
+    Subclasses are ``setup_context``-style (``forward`` without ``ctx``) and have a
+    generated vmap rule, which ``torch.func`` transforms need; call them through
+    :func:`apply`. Their backward ops switch to differentiable formulas under
+    ``create_graph=True`` (see :func:`define`). Forward-mode AD is not implemented: it
+    raises PyTorch's "You must implement the jvp function" (a ``jvp`` staticmethod,
+    even one raising a clearer error, would stop Dynamo from tracing the Function).
+    """
+    generate_vmap_rule = True
+
+
+def needs_autograd(*tensors):
+    """Whether an op must run through its :class:`OpFunction`: some input requires grad
+    (grad mode on), or a ``torch.func`` transform or a forward-mode dual level is active.
+    The bare kernels have no derivatives at all and would silently give none."""
+    if functorch_active() or forward_ad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def apply(function, *args):
+    """``function.apply(*args)`` for an :class:`OpFunction`.
+
+    For a ``setup_context``-style Function, ``Function.apply`` binds the arguments
+    through ``inspect.signature`` first: about 9 us a call, doubling small ops'
+    overhead, with no defaults to bind. Outside transforms and compilation this calls
+    the C++ apply that ``Function.apply`` ends in directly.
+    """
+    if functorch_active() or torch.compiler.is_compiling():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*args)
 
 
 def check_float(name, tensor):

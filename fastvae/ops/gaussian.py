@@ -1,7 +1,8 @@
 """Gaussian column: reparameterize, gaussian_kl and the fused reparameterize_kl."""
 import torch
 
-from ._common import check_float, check_like, check_reduction, define, draw_seed
+from .. import reference
+from ._common import OpFunction, apply, check_float, check_like, check_reduction, define, draw_seed, needs_autograd
 
 
 def _like(t):
@@ -17,7 +18,8 @@ _reparameterize = define("reparameterize(Tensor mu, Tensor logvar, Tensor seed) 
 _reparameterize_backward = define(
     "reparameterize_backward(Tensor grad_z, Tensor mu, Tensor logvar, Tensor z, Tensor seed, bool dense_grad_mu) "
     "-> Tensor[]",
-    lambda grad_z, mu, logvar, z, seed, dense_grad_mu: [_like(mu), _like(logvar)] if dense_grad_mu else [_like(logvar)])
+    lambda grad_z, mu, logvar, z, seed, dense_grad_mu: [_like(mu), _like(logvar)] if dense_grad_mu else [_like(logvar)],
+    reference.reparameterize_backward)
 _gaussian_kl = define(
     "gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, str reduction) -> Tensor",
     lambda mu, logvar, prior_mu, prior_logvar, reduction: _kl_out(mu, reduction))
@@ -25,25 +27,30 @@ _gaussian_kl_backward = define(
     "gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
     "str reduction) -> Tensor[]",
     lambda grad, mu, logvar, prior_mu, prior_logvar, reduction:
-        [_like(mu) for _ in range(2 if prior_mu is None and prior_logvar is None else 4)])
+        [_like(mu) for _ in range(2 if prior_mu is None and prior_logvar is None else 4)],
+    reference.gaussian_kl_backward)
 _reparameterize_kl = define(
     "reparameterize_kl(Tensor mu, Tensor logvar, Tensor seed, str reduction) -> (Tensor, Tensor)",
     lambda mu, logvar, seed, reduction: (_like(mu), _kl_out(mu, reduction)))
 _reparameterize_kl_backward = define(
     "reparameterize_kl_backward(Tensor grad_z, Tensor grad_kl, Tensor mu, Tensor logvar, Tensor z, Tensor seed, "
     "str reduction) -> Tensor[]",
-    lambda grad_z, grad_kl, mu, logvar, z, seed, reduction: [_like(mu), _like(mu)])
+    lambda grad_z, grad_kl, mu, logvar, z, seed, reduction: [_like(mu), _like(mu)],
+    reference.reparameterize_kl_backward)
 
 
 # The sampling Functions save their output z: a backend may recover std * eps = z - mu
 # from it instead of regenerating the noise (see reference.reparameterize_backward). As
 # with torch.exp, modifying z in place before backward is then an error.
-class _Reparameterize(torch.autograd.Function):
+class _Reparameterize(OpFunction):
     @staticmethod
-    def forward(ctx, mu, logvar, seed):
-        z = _reparameterize(mu, logvar, seed)
+    def forward(mu, logvar, seed):
+        return _reparameterize(mu, logvar, seed)
+
+    @staticmethod
+    def setup_context(ctx, inputs, z):
+        mu, logvar, seed = inputs
         ctx.save_for_backward(mu, logvar, z, seed)
-        return z
 
     @staticmethod
     def backward(ctx, grad_z):
@@ -57,12 +64,15 @@ class _Reparameterize(torch.autograd.Function):
         return grads[0] if dense_grad_mu else grad_z, grads[-1], None
 
 
-class _GaussianKL(torch.autograd.Function):
+class _GaussianKL(OpFunction):
     @staticmethod
-    def forward(ctx, mu, logvar, prior_mu, prior_logvar, reduction):
-        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
-        ctx.reduction = reduction
+    def forward(mu, logvar, prior_mu, prior_logvar, reduction):
         return _gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, kl):
+        mu, logvar, prior_mu, prior_logvar, ctx.reduction = inputs
+        ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar)
 
     @staticmethod
     def backward(ctx, grad):
@@ -76,23 +86,21 @@ class _GaussianKL(torch.autograd.Function):
         return grads[0], grads[1], g_prior_mu, g_prior_logvar, None
 
 
-class _ReparameterizeKL(torch.autograd.Function):
+class _ReparameterizeKL(OpFunction):
     @staticmethod
-    def forward(ctx, mu, logvar, seed, reduction):
-        z, kl = _reparameterize_kl(mu, logvar, seed, reduction)
-        ctx.save_for_backward(mu, logvar, z, seed)
-        ctx.reduction = reduction
-        return z, kl
+    def forward(mu, logvar, seed, reduction):
+        return _reparameterize_kl(mu, logvar, seed, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        mu, logvar, seed, ctx.reduction = inputs
+        ctx.save_for_backward(mu, logvar, outputs[0], seed)
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
         mu, logvar, z, seed = ctx.saved_tensors
         g_mu, g_logvar = _reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, z, seed, ctx.reduction)
         return g_mu, g_logvar, None, None
-
-
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _check_pair(mu, logvar):
@@ -114,8 +122,8 @@ def reparameterize(mu, logvar, *, generator=None):
     """
     _check_pair(mu, logvar)
     seed = draw_seed(mu.device, generator)
-    if _needs_grad(mu, logvar):
-        return _Reparameterize.apply(mu, logvar, seed)
+    if needs_autograd(mu, logvar):
+        return apply(_Reparameterize, mu, logvar, seed)
     return _reparameterize(mu, logvar, seed)
 
 
@@ -147,8 +155,8 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
     check_reduction(reduction)
     prior_mu = _check_prior("prior_mu", prior_mu, mu)
     prior_logvar = _check_prior("prior_logvar", prior_logvar, mu)
-    if _needs_grad(mu, logvar, prior_mu, prior_logvar):
-        return _GaussianKL.apply(mu, logvar, prior_mu, prior_logvar, reduction)
+    if needs_autograd(mu, logvar, prior_mu, prior_logvar):
+        return apply(_GaussianKL, mu, logvar, prior_mu, prior_logvar, reduction)
     return _gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction)
 
 
@@ -158,6 +166,6 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", generator=None):
     _check_pair(mu, logvar)
     check_reduction(reduction)
     seed = draw_seed(mu.device, generator)
-    if _needs_grad(mu, logvar):
-        return _ReparameterizeKL.apply(mu, logvar, seed, reduction)
+    if needs_autograd(mu, logvar):
+        return apply(_ReparameterizeKL, mu, logvar, seed, reduction)
     return _reparameterize_kl(mu, logvar, seed, reduction)

@@ -4,7 +4,8 @@ import numbers
 
 import torch
 
-from ._common import check_dim, check_float, check_reduction, define, draw_seed
+from .. import reference
+from ._common import OpFunction, apply, check_dim, check_float, check_reduction, define, draw_seed, needs_autograd
 
 
 def _categorical_kl_fake(logits, prior_logits, dim, reduction):
@@ -17,31 +18,35 @@ _gumbel_softmax = define("gumbel_softmax(Tensor logits, Tensor seed, float tau, 
                          lambda logits, seed, tau, hard, dim: logits.new_empty(logits.shape))
 _gumbel_softmax_backward = define(
     "gumbel_softmax_backward(Tensor grad_y, Tensor logits, Tensor seed, float tau, int dim) -> Tensor",
-    lambda grad_y, logits, seed, tau, dim: logits.new_empty(logits.shape))
+    lambda grad_y, logits, seed, tau, dim: logits.new_empty(logits.shape), reference.gumbel_softmax_backward)
 _gumbel_softmax_backward_from_sample = define(
     "gumbel_softmax_backward_from_sample(Tensor grad_y, Tensor y, float tau, int dim) -> Tensor",
-    lambda grad_y, y, tau, dim: y.new_empty(y.shape))
+    lambda grad_y, y, tau, dim: y.new_empty(y.shape), reference.gumbel_softmax_backward_from_sample)
 _categorical_kl = define("categorical_kl(Tensor logits, Tensor? prior_logits, int dim, str reduction) -> Tensor",
                          _categorical_kl_fake)
 _categorical_kl_backward = define(
     "categorical_kl_backward(Tensor grad, Tensor logits, Tensor? prior_logits, int dim, str reduction) -> Tensor[]",
     lambda grad, logits, prior_logits, dim, reduction:
-        [logits.new_empty(logits.shape) for _ in range(1 if prior_logits is None else 2)])
+        [logits.new_empty(logits.shape) for _ in range(1 if prior_logits is None else 2)],
+    reference.categorical_kl_backward)
 
 
-class _GumbelSoftmax(torch.autograd.Function):
+class _GumbelSoftmax(OpFunction):
     @staticmethod
-    def forward(ctx, logits, seed, tau, hard, dim):
-        y = _gumbel_softmax(logits, seed, tau, hard, dim)
-        ctx.tau, ctx.dim, ctx.hard = tau, dim, hard
-        if hard:
+    def forward(logits, seed, tau, hard, dim):
+        return _gumbel_softmax(logits, seed, tau, hard, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, y):
+        logits, seed, ctx.tau, ctx.hard, ctx.dim = inputs
+        if ctx.hard:
             # A one-hot output cannot give the soft sample back: keep what regenerates it.
             ctx.save_for_backward(logits, seed)
         else:
             # The output is the soft sample, so backward is a plain softmax backward from it:
             # no noise to regenerate, no exp, and nothing stored beyond the output itself.
+            # (Differentiating that backward goes through y back into this Function.)
             ctx.save_for_backward(y)
-        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -54,12 +59,15 @@ class _GumbelSoftmax(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-class _CategoricalKL(torch.autograd.Function):
+class _CategoricalKL(OpFunction):
     @staticmethod
-    def forward(ctx, logits, prior_logits, dim, reduction):
-        ctx.save_for_backward(logits, prior_logits)
-        ctx.dim, ctx.reduction = dim, reduction
+    def forward(logits, prior_logits, dim, reduction):
         return _categorical_kl(logits, prior_logits, dim, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, kl):
+        logits, prior_logits, ctx.dim, ctx.reduction = inputs
+        ctx.save_for_backward(logits, prior_logits)
 
     @staticmethod
     def backward(ctx, grad):
@@ -98,8 +106,8 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
     seed = draw_seed(logits.device, generator)
     tau = float(tau)
-    if torch.is_grad_enabled() and logits.requires_grad:
-        return _GumbelSoftmax.apply(logits, seed, tau, hard, dim)
+    if needs_autograd(logits):
+        return apply(_GumbelSoftmax, logits, seed, tau, hard, dim)
     return _gumbel_softmax(logits, seed, tau, hard, dim)
 
 
@@ -126,8 +134,6 @@ def categorical_kl(logits, prior_logits=None, *, dim=-1, reduction="batchmean"):
             raise ValueError(f"prior_logits of shape {tuple(prior_logits.shape)} does not broadcast to logits' "
                              f"shape {tuple(logits.shape)}")
         prior_logits = prior_logits if prior_logits.dtype == logits.dtype else prior_logits.to(logits.dtype)
-    needs_grad = torch.is_grad_enabled() and (logits.requires_grad or (
-        prior_logits is not None and prior_logits.requires_grad))
-    if needs_grad:
-        return _CategoricalKL.apply(logits, prior_logits, dim, reduction)
+    if needs_autograd(logits, prior_logits):
+        return apply(_CategoricalKL, logits, prior_logits, dim, reduction)
     return _categorical_kl(logits, prior_logits, dim, reduction)

@@ -1,7 +1,8 @@
 """VQ column: nearest_code (exhaustive nearest-codebook search) and vector_quantize."""
 import torch
 
-from ._common import check_float, define
+from .. import reference
+from ._common import OpFunction, apply, check_float, define, needs_autograd
 
 _nearest_code = define(
     "nearest_code(Tensor x, Tensor codebook) -> (Tensor, Tensor)",
@@ -13,17 +14,23 @@ _vector_quantize_backward = define(
     "vector_quantize_backward(Tensor grad_quantized, Tensor grad_loss, Tensor x, Tensor codebook, "
     "Tensor indices, float beta) -> (Tensor, Tensor)",
     lambda grad_quantized, grad_loss, x, codebook, indices, beta: (x.new_empty(x.shape),
-                                                                    codebook.new_empty(codebook.shape)))
+                                                                    codebook.new_empty(codebook.shape)),
+    reference.vector_quantize_backward)
 
 
-class _VectorQuantize(torch.autograd.Function):
+# The backward is linear in x and the codebook given the saved indices: its formula
+# (create_graph=True, see define) has second derivatives through the indices of 0.
+class _VectorQuantize(OpFunction):
     @staticmethod
-    def forward(ctx, x, codebook, beta):
-        quantized, indices, loss = _vector_quantize(x, codebook, beta)
+    def forward(x, codebook, beta):
+        return _vector_quantize(x, codebook, beta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        x, codebook, ctx.beta = inputs
+        _, indices, _ = outputs
         ctx.save_for_backward(x, codebook, indices)
-        ctx.beta = beta
         ctx.mark_non_differentiable(indices)
-        return quantized, indices, loss
 
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices, grad_loss):
@@ -77,8 +84,8 @@ def vector_quantize(x, codebook, *, beta=0.25):
         raise TypeError(f"beta must be a number, got {type(beta).__name__}")
     flat, codebook = _flatten(x, codebook)
     beta = float(beta)
-    if torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad):
-        quantized, indices, loss = _VectorQuantize.apply(flat, codebook, beta)
+    if needs_autograd(x, codebook):
+        quantized, indices, loss = apply(_VectorQuantize, flat, codebook, beta)
     else:
         quantized, indices, loss = _vector_quantize(flat, codebook, beta)
     return quantized.reshape(x.shape), indices.reshape(x.shape[:-1]), loss
