@@ -1,7 +1,7 @@
 """VQ column: nearest_code (exhaustive nearest-codebook search) and vector_quantize."""
 import torch
 
-from ._common import check_float, define
+from ._common import check_float, check_real, define
 
 _nearest_code = define(
     "nearest_code(Tensor x, Tensor codebook) -> (Tensor, Tensor)",
@@ -45,6 +45,8 @@ def _flatten(x, codebook):
                          f"dim ({codebook.shape[1]})")
     if codebook.shape[0] == 0:
         raise ValueError("codebook must have at least one code")
+    if codebook.shape[1] == 0:
+        raise ValueError("x and codebook have 0 features (last dimension 0); quantize vectors of at least one")
     # Under autocast x is often half while the codebook parameter stays float32.
     return x.reshape(-1, x.shape[-1]), codebook.to(x.dtype)
 
@@ -71,12 +73,10 @@ def vector_quantize(x, codebook, *, beta=0.25):
     sg(x)) + beta * mse(x, sg(codebook[indices]))``, whose gradients reach ``codebook``
     (codebook term) and ``x`` (commitment term). ``x``: ``(..., D)``; ``codebook``:
     ``(K, D)``, cast to ``x``'s dtype when it differs (a float32 codebook under autocast);
-    ``indices`` has shape ``x.shape[:-1]``.
+    ``indices`` has shape ``x.shape[:-1]``; ``beta``: a finite number >= 0.
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    beta = check_real("beta", beta, minimum=0.0)
     flat, codebook = _flatten(x, codebook)
-    beta = float(beta)
     if torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad):
         quantized, indices, loss = _VectorQuantize.apply(flat, codebook, beta)
     else:
