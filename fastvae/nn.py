@@ -81,7 +81,10 @@ class VectorQuantizer(nn.Module):
       value, so a code that is not chosen stays where it is (rather than jumping to
       ``m_k / eps``) until its count decays to the order of ``eps``; from then on the
       smoothing pulls it toward the origin, as in Sonnet (``dead_code_threshold``
-      restarts such codes).
+      restarts such codes). ``ema_eps`` must be > 0: unsmoothed, a code whose count has
+      decayed to 0 would become 0 / 0.
+
+    ``beta`` (a finite number >= 0) weighs the commitment term.
 
     Dead codes: with ``dead_code_threshold`` > 0 (as ``threshold_ema_dead_code`` of
     vector-quantize-pytorch), a code whose running usage ``ema_count`` (the exponential
@@ -89,7 +92,12 @@ class VectorQuantizer(nn.Module):
     below the threshold is restarted at the start of a training call: it becomes a vector
     of that call's input drawn at random (PyTorch's default generator), and its running
     usage is set to the threshold (in EMA mode its running sum to match), so it has a few
-    calls to win inputs before it is restarted again.
+    calls to win inputs before it is restarted again. A restart is no in-place write for
+    autograd: training calls may be repeated before one backward, each differentiating the
+    codebook it searched.
+
+    Casting the module (``.half()``, ``.to(torch.bfloat16)``, ``.double()``) casts the
+    codebook; the EMA statistics ``ema_sum`` and ``ema_count`` stay at least float32.
 
     Usage statistics: ``perplexity`` (tensor, set by every call) is ``exp`` of the entropy
     of the codes' frequencies in that call (``num_codes`` when all are used evenly, 1 when
@@ -106,7 +114,6 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         num_codes, dim = check_size("num_codes", num_codes), check_size("dim", dim)
         beta = check_real("beta", beta, minimum=0.0)
-        # > 0: without smoothing a code whose count has decayed to 0 would become 0 / 0.
         ema_eps = check_real("ema_eps", ema_eps, minimum=0.0, inclusive=False)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay}")

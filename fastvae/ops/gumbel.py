@@ -88,7 +88,8 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     ``logits + g``, ties to the lowest index) carrying the soft sample's gradient
     (straight-through). ``-inf`` logits are masked classes: never sampled, probability
     exactly 0. A row whose logits are all ``-inf`` has nothing to sample and gives zeros
-    (and zero gradient) rather than NaN.
+    (and zero gradient) rather than NaN. ``tau``: a finite number > 0 (a Python or NumPy
+    scalar, or a one-element floating-point tensor); ``hard``: a bool, NumPy bool or int.
     """
     dim = _check_logits(logits, dim)
     if isinstance(tau, torch.Tensor) and not tau.is_floating_point():
