@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops._common import check_real, check_reduction, check_size
+from .ops._common import check_dim, check_float, check_real, check_reduction, check_size
 
 
 class Reparameterize(nn.Module):
@@ -146,7 +146,14 @@ class VectorQuantizer(nn.Module):
         self.usage_count.zero_()
 
     def forward(self, x):
-        channel_last = self.channel_dim in (-1, x.dim() - 1)
+        # Checked here, not only by the op: the restart below would otherwise write the codebook
+        # from an input the op then rejects.
+        check_float("x", x)
+        channel_dim = check_dim("channel_dim", self.channel_dim, x.dim())
+        if x.shape[channel_dim] != self.dim:
+            raise ValueError(f"x has {x.shape[channel_dim]} features along channel_dim={self.channel_dim} but the "
+                             f"quantizer's dim is {self.dim}")
+        channel_last = channel_dim == x.dim() - 1
         if not channel_last:
             x = x.movedim(self.channel_dim, -1)
         if self.training and self.dead_code_threshold > 0:

@@ -187,3 +187,20 @@ def test_vector_quantizer_checks_its_arguments():
             fnn.VectorQuantizer(**{"num_codes": 8, "dim": 3, **kwargs})
     vq = fnn.VectorQuantizer(np.int64(8), np.int32(3), beta=np.float32(0.5))  # as PyTorch takes numbers
     assert (vq.num_codes, vq.dim, vq.beta) == (8, 3, 0.5) and type(vq.beta) is float
+
+
+def test_vector_quantizer_rejects_a_bad_input_before_any_restart():
+    vq = fnn.VectorQuantizer(8, 3, dead_code_threshold=0.5)
+    with torch.no_grad():
+        vq.ema_count[4:] = 0.1  # a training call would restart these
+    state = {name: t.clone() for name, t in vq.state_dict().items()}
+    x = torch.randn(4, 6)  # 6 features reshape into rows of 3: nothing but a check stops the restart
+    rng_state = torch.get_rng_state()
+    for bad, error, message in [(x, ValueError, "x has 6 features along channel_dim=-1 but the quantizer's dim is 3"),
+                                (x[:, :3].long(), TypeError, "x must be a float"),
+                                (torch.tensor(1.0), ValueError, "channel_dim=-1 is out of range")]:
+        with pytest.raises(error, match=message):
+            vq(bad)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    for name, before in state.items():
+        assert torch.equal(vq.state_dict()[name], before), f"{name} was written"
