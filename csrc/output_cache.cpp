@@ -11,15 +11,17 @@
 // output faults at all.
 //
 // Blocks are whole multiples of 2 MiB, 2 MiB-aligned, and advised onto transparent huge
-// pages, so a block that does fault takes few, cheap faults. At most kDefaultCapacity
-// bytes of released blocks are kept (oldest dropped first); FASTVAE_OUTPUT_CACHE_MB sets
-// that bound (0: keep nothing), FASTVAE_HUGE_PAGES=0 drops the huge-page advice.
+// pages, so a block that does fault takes few, cheap faults. At most kDefaultCapacityMb
+// MiB of released blocks are kept (oldest dropped first); FASTVAE_OUTPUT_CACHE_MB sets
+// that bound in MiB (0: keep nothing; at most kMaxCapacityMb), FASTVAE_HUGE_PAGES=0 drops
+// the huge-page advice. A value that is not such a number is reported and ignored.
 #include <c10/core/CPUAllocator.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <string>
 
 #include "common.h"
 
@@ -36,11 +38,25 @@ constexpr size_t kMinBytes = size_t{4} << 20;      // smaller outputs take PyTor
 // finding hundreds of free huge pages can stall in compaction (a 1 GiB output was
 // measured 2x slower with the advice), and one such block would crowd out the rest.
 constexpr size_t kMaxBytes = size_t{256} << 20;
-constexpr size_t kDefaultCapacity = size_t{256} << 20;
+constexpr size_t kDefaultCapacityMb = 256;
+constexpr size_t kMaxCapacityMb = size_t{1} << 16;  // 64 GiB: far above any use, far below overflow
 
-size_t setting(const char* name, size_t fallback) {
+// The environment variable `name` as a whole decimal number in [0, max], or `fallback`
+// (with a warning naming the variable) when it is set to anything else: strtoull would
+// read "-1" as no bound at all and "1e3" as 1.
+size_t setting(const char* name, size_t fallback, size_t max) {
   const char* value = std::getenv(name);
-  return value == nullptr ? fallback : static_cast<size_t>(std::strtoull(value, nullptr, 10));
+  if (value == nullptr) return fallback;
+  const std::string text(value);
+  size_t number = 0;
+  bool valid = !text.empty();
+  for (size_t i = 0; valid && i < text.size(); ++i) {  // number <= max keeps number * 10 from overflowing
+    valid = text[i] >= '0' && text[i] <= '9' && (number = number * 10 + (text[i] - '0')) <= max;
+  }
+  if (valid) return number;
+  TORCH_WARN("fastvae: ignoring ", name, "=\"", text, "\": it must be a whole number from 0 to ", max,
+             "; using the default, ", fallback);
+  return fallback;
 }
 
 struct Block {
@@ -78,7 +94,7 @@ class OutputCache final : public c10::Allocator {
     void* data = std::aligned_alloc(kHugePage, bytes);
     TORCH_CHECK(data != nullptr, "fastvae: out of memory allocating ", bytes, " bytes for an output");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-    static const bool huge_pages = setting("FASTVAE_HUGE_PAGES", 1) != 0;
+    static const bool huge_pages = setting("FASTVAE_HUGE_PAGES", 1, 1) != 0;
     if (huge_pages) madvise(data, bytes, MADV_HUGEPAGE);  // a hint: the OS may ignore it
 #endif
     return new Block{data, bytes};
@@ -120,7 +136,7 @@ class OutputCache final : public c10::Allocator {
   std::mutex mutex_;
   std::deque<Block*> free_;  // oldest first
   size_t cached_bytes_ = 0;
-  const size_t capacity_ = setting("FASTVAE_OUTPUT_CACHE_MB", kDefaultCapacity >> 20) << 20;
+  const size_t capacity_ = setting("FASTVAE_OUTPUT_CACHE_MB", kDefaultCapacityMb, kMaxCapacityMb) << 20;
 };
 
 }  // namespace

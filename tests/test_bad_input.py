@@ -1,16 +1,19 @@
 """Bad input raises TypeError/ValueError naming the argument, before anything runs:
 no seed is drawn (the default generator does not move) and no input is written."""
+import numpy as np
 import pytest
 import torch
 
 import fastvae
+from helpers import requires
 
 MU, LOGVAR = torch.randn(4, 3), torch.randn(4, 3)
 LOGITS = torch.randn(4, 5)
 X, CODEBOOK = torch.randn(6, 3), torch.randn(8, 3)
 META = torch.randn(4, 3, device="meta")
 # made here, not inside the calls, so the calls themselves draw nothing
-RANDN = {shape: torch.randn(shape) for shape in [(5,), (2, 4, 3), (8, 4), (8,), (0, 3), (3,)]}
+RANDN = {shape: torch.randn(shape) for shape in [(5,), (2, 4, 3), (8, 4), (8,), (0, 3), (3,), (4, 0), (6, 0),
+                                                  (8, 0)]}
 
 CASES = [
     ("reparameterize", lambda: fastvae.reparameterize([1.0], LOGVAR), TypeError, "mu must be a torch.Tensor"),
@@ -42,6 +45,27 @@ CASES = [
     ("nearest_code", lambda: fastvae.nearest_code(X, CODEBOOK.to("meta")), ValueError, "codebook is on meta"),
     ("vector_quantize", lambda: fastvae.vector_quantize(X, CODEBOOK.int()), TypeError, "codebook must be a float"),
     ("vector_quantize", lambda: fastvae.vector_quantize(X, CODEBOOK, beta="0.25"), TypeError, "beta must be"),
+    ("vector_quantize", lambda: fastvae.vector_quantize(X, CODEBOOK, beta=-1.0), ValueError,
+     "beta must be a finite number >= 0"),
+    ("vector_quantize", lambda: fastvae.vector_quantize(X, CODEBOOK, beta=float("nan")), ValueError,
+     "beta must be a finite number >= 0"),
+    ("vector_quantize", lambda: fastvae.vector_quantize(X, CODEBOOK, beta=float("inf")), ValueError,
+     "beta must be a finite number >= 0"),
+    ("vector_quantize", lambda: fastvae.vector_quantize(X, CODEBOOK, beta=True), TypeError,
+     "beta must be a real number, got bool"),
+    ("vector_quantize", lambda: fastvae.vector_quantize(RANDN[(6, 0)], RANDN[(8, 0)]), ValueError,
+     "x and codebook have 0 features"),
+    ("nearest_code", lambda: fastvae.nearest_code(RANDN[(6, 0)], RANDN[(8, 0)]), ValueError,
+     "x and codebook have 0 features"),
+    ("gumbel_softmax", lambda: fastvae.gumbel_softmax(LOGITS, tau=torch.tensor(1)), TypeError,
+     "tau must be a number or a floating-point tensor, got a torch.int64 tensor"),
+    ("gumbel_softmax", lambda: fastvae.gumbel_softmax(LOGITS, tau=True), TypeError, "tau must be a real number"),
+    ("gumbel_softmax", lambda: fastvae.gumbel_softmax(LOGITS, hard=torch.tensor(True)), TypeError,
+     "hard must be a bool, got Tensor"),
+    ("gumbel_softmax", lambda: fastvae.gumbel_softmax(RANDN[(4, 0)]), ValueError,
+     "logits has no classes: its size along dim=1 is 0"),
+    ("gumbel_softmax", lambda: fastvae.gumbel_softmax(RANDN[(4, 0)].t(), dim=0), ValueError, "along dim=0 is 0"),
+    ("categorical_kl", lambda: fastvae.categorical_kl(RANDN[(4, 0)]), ValueError, "logits has no classes"),
 ]
 
 
@@ -54,3 +78,18 @@ def test_bad_input_raises_naming_the_argument_and_touches_nothing(op, call, erro
     assert torch.equal(torch.get_rng_state(), rng_state), "a seed was drawn before the input was checked"
     for before, after in zip(inputs, (MU, LOGVAR, LOGITS, X, CODEBOOK)):
         assert torch.equal(before, after)
+
+
+def test_numbers_and_flags_are_taken_as_pytorch_takes_them(backend):
+    """NumPy scalars for ``beta`` and ``tau``, ints and NumPy bools for ``hard`` (as
+    ``F.gumbel_softmax``, which tests ``if hard``): the same result as the Python values."""
+    requires(backend, "vector_quantize", "gumbel_softmax")
+    expected = fastvae.vector_quantize(X, CODEBOOK, beta=0.5)
+    for beta in (np.float32(0.5), np.float64(0.5)):
+        for got, want in zip(fastvae.vector_quantize(X, CODEBOOK, beta=beta), expected):
+            assert torch.equal(got, want)
+    for hard, python_hard in [(1, True), (np.bool_(True), True), (0, False), (np.bool_(False), False)]:
+        generator = torch.Generator().manual_seed(3)
+        got = fastvae.gumbel_softmax(LOGITS, np.float32(0.5), hard, generator=generator)
+        generator.manual_seed(3)
+        assert torch.equal(got, fastvae.gumbel_softmax(LOGITS, 0.5, python_hard, generator=generator))

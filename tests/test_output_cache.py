@@ -79,3 +79,19 @@ def test_a_remade_output_takes_no_page_faults_unless_the_cache_is_off(capacity_m
                             capture_output=True, text=True)
     faults = int(result.stdout.split()[-1])
     assert faults < 100 if capacity_mb != "0" else faults > 500, faults
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts Linux page faults")
+@pytest.mark.parametrize("variable, value", [("FASTVAE_OUTPUT_CACHE_MB", "-1"), ("FASTVAE_OUTPUT_CACHE_MB", "garbage"),
+                                             ("FASTVAE_OUTPUT_CACHE_MB", "1e3"), ("FASTVAE_OUTPUT_CACHE_MB", " 64"),
+                                             ("FASTVAE_OUTPUT_CACHE_MB", "99999999999999999999999"),
+                                             ("FASTVAE_OUTPUT_CACHE_MB", "65537"), ("FASTVAE_HUGE_PAGES", "yes")])
+def test_a_bad_setting_is_reported_and_the_default_bound_kept(variable, value):
+    """Not a whole number within bounds: strtoull read "-1" as no bound at all (1.6 GiB
+    kept), "garbage" as 0 and "1e3" as 1 MiB, silently. Now a warning names the variable
+    and the default (256 MiB, which keeps the remade output's block) is used."""
+    env = {**os.environ, "FASTVAE_HUGE_PAGES": "0", variable: value}
+    result = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REMADE_OUTPUT], env=env, check=True, timeout=300,
+                            capture_output=True, text=True)
+    assert f'ignoring {variable}="{value}": it must be a whole number from 0 to' in result.stderr, result.stderr
+    assert int(result.stdout.split()[-1]) < 100, "the default bound keeps the block"

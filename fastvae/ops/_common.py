@@ -1,5 +1,9 @@
 """What every op file shares: the custom-op library, autograd plumbing, argument checks
 and seed drawing."""
+import math
+import numbers
+
+import numpy as np
 import torch
 from torch.autograd import forward_ad
 from torch.utils._pytree import tree_map
@@ -122,6 +126,25 @@ def check_like(name, tensor, ref_name, ref):
         raise TypeError(f"{name} has dtype {tensor.dtype} but {ref_name} has {ref.dtype}; pass both in one dtype")
 
 
+def check_real(name, value, *, minimum, inclusive=True):
+    """``value`` as a float: a real number as PyTorch takes one (a Python or NumPy scalar,
+    not a bool), finite, and ``>= minimum`` (``> minimum`` when not ``inclusive``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {minimum}, got {value}")
+    return value
+
+
+def check_flag(name, value):
+    """``value`` as a bool: a bool, NumPy bool or int (what ``if value:`` takes in PyTorch's own
+    functional flags), never a string or a tensor."""
+    if not isinstance(value, (bool, np.bool_, numbers.Integral)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_reduction(reduction):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
@@ -133,6 +156,15 @@ def check_dim(name, dim, ndim):
     if not -ndim <= dim < ndim:
         raise ValueError(f"{name}={dim} is out of range for a tensor of {ndim} dimensions")
     return dim % ndim
+
+
+def check_size(name, value):
+    """``value`` as an int >= 1: a count such as a number of codes (a Python or NumPy int)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
 
 
 def draw_seed(device, generator):

@@ -1,11 +1,9 @@
 """Gumbel column: gumbel_softmax (soft and straight-through hard) and categorical_kl."""
-import math
-import numbers
-
 import torch
 
 from .. import reference
-from ._common import OpFunction, apply, check_dim, check_float, check_reduction, define, draw_seed, needs_autograd
+from ._common import (OpFunction, apply, check_dim, check_flag, check_float, check_real, check_reduction, define,
+                      draw_seed, needs_autograd)
 
 
 def _categorical_kl_fake(logits, prior_logits, dim, reduction):
@@ -83,7 +81,11 @@ def _check_logits(logits, dim):
     check_float("logits", logits)
     if logits.dim() == 0:
         raise ValueError("logits must have at least one dimension (the classes)")
-    return check_dim("dim", dim, logits.dim())
+    dim = check_dim("dim", dim, logits.dim())
+    if logits.shape[dim] == 0:
+        raise ValueError(f"logits has no classes: its size along dim={dim} is 0 (shape {tuple(logits.shape)}); "
+                         "a categorical distribution needs at least one class")
+    return dim
 
 
 def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=None):
@@ -95,17 +97,17 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     ``logits + g``, ties to the lowest index) carrying the soft sample's gradient
     (straight-through). ``-inf`` logits are masked classes: never sampled, probability
     exactly 0. A row whose logits are all ``-inf`` has nothing to sample and gives zeros
-    (and zero gradient) rather than NaN.
+    (and zero gradient) rather than NaN. ``tau``: a finite number > 0 (a Python or NumPy
+    scalar, or a one-element floating-point tensor); ``hard``: a bool, NumPy bool or int.
     """
     dim = _check_logits(logits, dim)
-    if isinstance(tau, torch.Tensor) and tau.numel() == 1 and tau.is_floating_point():
+    if isinstance(tau, torch.Tensor) and not tau.is_floating_point():
+        raise TypeError(f"tau must be a number or a floating-point tensor, got a {tau.dtype} tensor; pass tau.float()")
+    if isinstance(tau, torch.Tensor) and tau.numel() == 1:
         tau = tau.item()  # an annealed temperature kept in a tensor
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
-    if not isinstance(hard, bool):
-        raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
+    tau = check_real("tau", tau, minimum=0.0, inclusive=False)
+    hard = check_flag("hard", hard)
     seed = draw_seed(logits.device, generator)
-    tau = float(tau)
     if needs_autograd(logits):
         return apply(_GumbelSoftmax, logits, seed, tau, hard, dim)
     return _gumbel_softmax(logits, seed, tau, hard, dim)

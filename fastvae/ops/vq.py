@@ -2,7 +2,7 @@
 import torch
 
 from .. import reference
-from ._common import OpFunction, apply, check_float, define, needs_autograd
+from ._common import OpFunction, apply, check_float, check_real, define, needs_autograd
 
 _nearest_code = define(
     "nearest_code(Tensor x, Tensor codebook) -> (Tensor, Tensor)",
@@ -52,6 +52,8 @@ def _flatten(x, codebook):
                          f"dim ({codebook.shape[1]})")
     if codebook.shape[0] == 0:
         raise ValueError("codebook must have at least one code")
+    if codebook.shape[1] == 0:
+        raise ValueError("x and codebook have 0 features (last dimension 0); quantize vectors of at least one")
     # Under autocast x is often half while the codebook parameter stays float32.
     return x.reshape(-1, x.shape[-1]), codebook.to(x.dtype)
 
@@ -78,12 +80,10 @@ def vector_quantize(x, codebook, *, beta=0.25):
     sg(x)) + beta * mse(x, sg(codebook[indices]))``, whose gradients reach ``codebook``
     (codebook term) and ``x`` (commitment term). ``x``: ``(..., D)``; ``codebook``:
     ``(K, D)``, cast to ``x``'s dtype when it differs (a float32 codebook under autocast);
-    ``indices`` has shape ``x.shape[:-1]``.
+    ``indices`` has shape ``x.shape[:-1]``; ``beta``: a finite number >= 0.
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    beta = check_real("beta", beta, minimum=0.0)
     flat, codebook = _flatten(x, codebook)
-    beta = float(beta)
     if needs_autograd(x, codebook):
         quantized, indices, loss = apply(_VectorQuantize, flat, codebook, beta)
     else:
