@@ -1,0 +1,89 @@
+"""What only a real GPU exposes, checked here as far as a CPU can: the device guard of the
+Triton launches (issue 14, item 1) and 64-bit addressing in the VQ kernels (item 2).
+The ``gpu``-marked tests run the same properties on CUDA devices (skipped without one)."""
+import contextlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fastvae
+from fastvae import _backend, reference
+from helpers import assert_close, requires, requires_on
+
+
+def test_triton_cuda_calls_run_with_the_tensors_device_current(monkeypatch):
+    """Triton launches on the current device and its stream: the dispatch layer makes the
+    first tensor's device current around every CUDA call of the triton backend."""
+    events = []
+    fake = type(sys)("fake_triton")
+    fake.nearest_code = lambda x, codebook: events.append(("kernel", x.device))
+    monkeypatch.setitem(sys.modules, "fake_triton", fake)
+    monkeypatch.setitem(_backend._BACKENDS, "triton", _backend._Backend(
+        "triton", "fake_triton", lambda: {"cpu", "cuda"}, _backend.KERNEL_DTYPES, "test", device_guard=True))
+    monkeypatch.setattr(_backend, "_cache", {})
+
+    @contextlib.contextmanager
+    def recording_device(device):
+        events.append(("enter", device))
+        yield
+        events.append(("exit", device))
+
+    monkeypatch.setattr(torch.cuda, "device", recording_device)
+    on_gpu1 = type("CudaTensor", (), {"device": torch.device("cuda", 1)})()
+    _backend._resolve("triton", "nearest_code", "cuda", torch.float32)(on_gpu1, None)
+    gpu1 = torch.device("cuda", 1)
+    assert events == [("enter", gpu1), ("kernel", gpu1), ("exit", gpu1)]
+    events.clear()
+    _backend._resolve("auto", "nearest_code", "cuda", torch.float32)(on_gpu1, None)
+    assert events[0] == ("enter", gpu1)
+    events.clear()  # CPU calls (the interpreter) take no guard: nothing added to that path
+    _backend._resolve("triton", "nearest_code", "cpu", torch.float32)(torch.zeros(1), None)
+    assert events == [("kernel", torch.device("cpu"))]
+
+
+def _every_op(device, dtype=torch.float32):
+    """(name, callable) of a forward+backward of every public op on ``device``."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(device, dtype).requires_grad_()
+
+    def step(fn, *inputs):
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        sum(o.float().sum() for o in outs if o.is_floating_point()).backward()
+        return [o.detach() for o in outs] + [t.grad for t in inputs]
+
+    mu, logvar, logits, x, codebook = leaf(64, 40), leaf(64, 40), leaf(48, 70), leaf(300, 24), leaf(50, 24)
+    return {
+        "reparameterize": lambda: step(lambda a, b: fastvae.reparameterize(a, b), mu, logvar),
+        "gaussian_kl": lambda: step(lambda a, b: fastvae.gaussian_kl(a, b), mu, logvar),
+        "reparameterize_kl": lambda: step(lambda a, b: fastvae.reparameterize_kl(a, b), mu, logvar),
+        "gumbel_softmax": lambda: step(lambda a: fastvae.gumbel_softmax(a, 0.5, hard=True), logits),
+        "categorical_kl": lambda: step(lambda a: fastvae.categorical_kl(a), logits),
+        "vector_quantize": lambda: step(lambda a, b: fastvae.vector_quantize(a, b), x, codebook),
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend_name", ["triton", "native"])
+def test_ops_on_the_second_gpu_match_the_first(backend_name):
+    """Tensors on cuda:1 while cuda:0 is current: same results as on cuda:0 (same seeds)."""
+    if backend_name not in fastvae.available_backends():
+        pytest.skip(f"{backend_name} not available")
+    results = {}
+    for device in ("cuda:0", "cuda:1"):
+        with torch.cuda.device(0), fastvae.use_backend(backend_name):
+            for op, run in _every_op(device).items():
+                if _backend._BACKENDS[backend_name].why_not(op, "cuda", torch.float32):
+                    continue
+                torch.manual_seed(1)
+                results[device, op] = [t.cpu() for t in run()]
+        torch.cuda.synchronize(device)
+    for (device, op), outs in results.items():
+        if device == "cuda:1":
+            for got, expected in zip(outs, results["cuda:0", op]):
+                torch.testing.assert_close(got, expected, msg=op)
