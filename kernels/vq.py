@@ -40,7 +40,7 @@ def _search_kernel(x_ptr, cb_ptr, cb_sq_ptr, best_ptr, second_ptr, index_ptr, N,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N * D passes 2^31
     row_ok = rows < N
     k_begin = split * codes_per_split
     k_end = tl.minimum(k_begin + codes_per_split, K)
@@ -60,8 +60,8 @@ def _search_kernel(x_ptr, cb_ptr, cb_sq_ptr, best_ptr, second_ptr, index_ptr, N,
             if D > BLOCK_D:
                 x_tile = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :],
                                  other=0.0).to(tl.float32)
-            e_tile = tl.load(cb_ptr + codes[:, None] * D + d0 + dims[None, :], mask=code_ok[:, None] & d_ok[None, :],
-                             other=0.0).to(tl.float32)
+            e_tile = tl.load(cb_ptr + codes.to(tl.int64)[:, None] * D + d0 + dims[None, :],
+                             mask=code_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             acc = tl.dot(x_tile, tl.trans(e_tile), acc, input_precision=PRECISION)
         cb_sq = tl.load(cb_sq_ptr + codes, mask=code_ok, other=float("inf"))
         v = cb_sq[None, :] - 2.0 * acc
@@ -85,8 +85,8 @@ def _exact_sq_dist(x_ptr, cb_ptr, rows, row_ok, codes, code_ok, D: tl.constexpr,
         d_ok = (d0 + dims) < D
         xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :],
                      other=0.0).to(tl.float32)
-        ev = tl.load(cb_ptr + codes[:, None] * D + d0 + dims[None, :], mask=code_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)
+        ev = tl.load(cb_ptr + codes.to(tl.int64)[:, None] * D + d0 + dims[None, :],
+                     mask=code_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         diff = xv[:, None, :] - ev[None, :, :]
         dist += tl.sum(diff * diff, axis=2)
     return dist
@@ -98,7 +98,7 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
                    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    WRITE_QUANTIZED: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     best = tl.load(best_ptr + rows, mask=row_ok, other=0.0)
     second = tl.load(second_ptr + rows, mask=row_ok, other=float("inf"))
@@ -136,7 +136,7 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
     for d0 in tl.static_range(0, D, BLOCK_D):
         mask = row_ok[:, None] & ((d0 + dims) < D)[None, :]
         xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-        code = tl.load(cb_ptr + index[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0)
+        code = tl.load(cb_ptr + index.to(tl.int64)[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0)
         diff = xv - code.to(tl.float32)
         dist += tl.sum(diff * diff, axis=1)
         if WRITE_QUANTIZED:
@@ -204,7 +204,7 @@ def _grad_x_kernel(grad_q_ptr, x_ptr, cb_ptr, index_ptr, grad_x_ptr, grad_loss_p
                    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad_x = grad_quantized + beta * scale * (x - e[index]), scale = 2 grad_loss / (N D)."""
     commit = commit_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows < N)[:, None] & (dims < D)[None, :]
     index = tl.load(index_ptr + rows, mask=rows < N, other=0)
@@ -220,7 +220,7 @@ def _grad_codebook_atomic_kernel(x_ptr, cb_ptr, index_ptr, grad_cb_ptr, grad_los
                                  D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad_cb[index[r]] += -scale * (x_r - e[index[r]]) with atomics (order varies per run)."""
     neg_scale = -scale_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows < N)[:, None] & (dims < D)[None, :]
     index = tl.load(index_ptr + rows, mask=rows < N, other=0)
@@ -235,7 +235,7 @@ def _grad_codebook_sorted_kernel(x_ptr, cb_ptr, order_ptr, offset_ptr, grad_cb_p
                                  D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per code: sums its rows (order[offset[c]:offset[c+1]]) in a fixed order."""
     neg_scale = -scale_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    code = tl.program_id(0)
+    code = tl.program_id(0).to(tl.int64)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dims < D
     start, end = tl.load(offset_ptr + code), tl.load(offset_ptr + code + 1)

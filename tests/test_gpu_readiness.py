@@ -87,3 +87,74 @@ def test_ops_on_the_second_gpu_match_the_first(backend_name):
         if device == "cuda:1":
             for got, expected in zip(outs, results["cuda:0", op]):
                 torch.testing.assert_close(got, expected, msg=op)
+
+
+@pytest.fixture
+def vq_tile_products(monkeypatch):
+    """Records, per VQ kernel run under the interpreter, the NumPy dtype of every integer
+    product over a tile (``row * D``, ``code * D``: the only ones these kernels form)."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    if "cpu" not in _backend._BACKENDS["triton"].devices():
+        pytest.skip("needs the Triton interpreter")
+    products, running = {}, []
+    original_run, original_mul = interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_mul
+
+    def run(self, *args, **kwargs):
+        running.append(self.fn.__name__ if self.fn.__module__ == "fastvae.kernels.vq" else None)
+        try:
+            return original_run(self, *args, **kwargs)
+        finally:
+            running.pop()
+
+    def mul(self, lhs, rhs):
+        out = original_mul(self, lhs, rhs)
+        if running and running[-1] and out.data.ndim >= 1 and out.data.size > 1 and out.data.dtype.kind in "iu":
+            products.setdefault(running[-1], set()).add(out.data.dtype)
+        return out
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_mul", mul)
+    return products
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_vq_kernels_address_rows_and_codes_in_64_bits(vq_tile_products, deterministic):
+    """``row * D`` in int32 wraps once N * D >= 2^31 (8.4M rows at D = 256): every tile
+    offset of the search, finish and backward kernels is computed in int64."""
+    requires_on("triton", "cpu", "vector_quantize", "vector_quantize_backward")
+    x = torch.randn(70, 20, requires_grad=True)
+    codebook = torch.randn(30, 20, requires_grad=True)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with fastvae.use_backend("triton"):
+            quantized, _, loss = fastvae.vector_quantize(x, codebook)
+            (quantized.sum() + loss).backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    expected_kernels = {"_search_kernel", "_finish_kernel", "_grad_x_kernel",
+                        "_grad_codebook_sorted_kernel" if deterministic else "_grad_codebook_atomic_kernel"}
+    assert set(vq_tile_products) >= expected_kernels
+    narrow = {name: dtypes for name, dtypes in vq_tile_products.items() if dtypes != {np.dtype(np.int64)}}
+    assert not narrow, f"32-bit address products in {narrow}"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_vq_past_2_to_the_31_elements_matches_the_reference_on_the_last_rows():
+    """N * D > 2^31 on a GPU (bfloat16, 4.3 GB per (N, D) tensor): the last rows, whose
+    offsets pass 2^31, get the reference's codes and gradients."""
+    requires_on("triton", "cuda", "vector_quantize", "vector_quantize_backward")
+    d, k = 256, 64
+    n = 2**31 // d + 1000
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    codebook = torch.randn(k, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with fastvae.use_backend("triton"):
+        quantized, indices, loss = fastvae.vector_quantize(x, codebook)
+        quantized.float().sum().backward()
+    tail = x.detach()[-4096:]
+    expected_indices, _ = reference.nearest_code(tail, codebook.detach())
+    assert torch.equal(indices[-4096:], expected_indices)
+    assert torch.equal(quantized.detach()[-4096:], codebook.detach()[expected_indices])
+    assert torch.equal(x.grad[-4096:], torch.ones_like(tail))  # straight-through of quantized.sum()
+    del x, quantized
+    torch.cuda.empty_cache()
