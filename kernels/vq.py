@@ -266,10 +266,10 @@ def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, be
     _grad_x_kernel[grid](grad_quantized, x, codebook, indices, grad_x, grad_loss, n, beta * scale_per_grad, D=d, BLOCK_N=block_n,
                          BLOCK_D=block_d)
     if torch.are_deterministic_algorithms_enabled():
-        # Sorted segment sums: a stable sort groups each code's rows in row order.
-        order = torch.sort(indices, stable=True).indices
-        offset = torch.zeros(k + 1, device=x.device, dtype=torch.int64)
-        torch.cumsum(torch.bincount(indices, minlength=k), 0, out=offset[1:])
+        # Sorted segment sums: a stable sort groups each code's rows in row order; code c's
+        # rows start where c would be inserted (searchsorted: no host sync, unlike bincount).
+        sorted_indices, order = torch.sort(indices, stable=True)
+        offset = torch.searchsorted(sorted_indices, torch.arange(k + 1, device=x.device, dtype=torch.int64))
         _grad_codebook_sorted_kernel[(k, triton.cdiv(d, block_d))](x, codebook, order, offset, grad_cb, grad_loss,
                                                                     scale_per_grad, D=d,
                                                                     BLOCK_R=block_n, BLOCK_D=block_d)
