@@ -13,17 +13,25 @@ and makes the answer exact. The expansion's rounding error is at most
 the row block is searched again with the exact float32 ``(x - e)^2``. It then gathers the
 winning code (``quantized`` is a copy of codebook rows) and its exact squared distance.
 
-On CUDA the dot runs as ``tf32x3`` (three tensor-core passes, close to float32), with a
-bound widened to match; under ``TRITON_INTERPRET=1`` it is float32.
+On CUDA a float32 dot runs as ``tf32x3`` (three tensor-core passes, close to float32)
+and a float16/bfloat16 dot natively in 16 bits (their values are exact in tf32, so two of
+three passes would add nothing) with float32 accumulation; under ``TRITON_INTERPRET=1`` it
+is float32. ``ROUNDING`` (``_rounding``) follows a model of Hopper's tensor cores that
+assumes the worst of each step: the accumulator *truncates* (chops) after every addition,
+at most 2u of the running sum (u = 2^-24) instead of round-to-nearest's u, so a D-term
+dot errs by up to 2D u sum|x_i e_i|; Triton's tf32x3 passes ``a - tf32(a)`` unrounded,
+and the MMA reads it truncated to tf32, so with the dropped ``lo * lo`` term and ``hi``
+parts possibly truncated too each product errs by up to 3 * 2^-20 = 48u of |x_i e_i|;
+16-bit products are exact in float32. With ``||e||^2`` summed in float32 (D u ||e||^2),
+the coefficient of ``max ||e||^2 + 2 ||x|| max ||e||`` is (2D + 52) u for tf32x3, (2D + 4) u
+for the 16-bit dot and (D + 4) u for the interpreter's round-to-nearest float32.
 """
 import torch
 import triton
 import triton.language as tl
 
 _UNIT_ROUNDOFF = 2.0**-24
-# tf32x3 keeps about 21 bits per product (the dropped lo*lo term and the lo parts'
-# own rounding); counted as 32 extra float32 roundings per dot, a 4x margin.
-_TF32X3_EXTRA_ROUNDINGS = 32
+_TF32X3_PRODUCT_ROUNDINGS = 48  # 3 * 2^-20 per product, in units of u (module docstring)
 _INT32_MAX = tl.constexpr(2**31 - 1)  # kernels read only constexpr globals
 
 
@@ -36,9 +44,17 @@ def _merge(best, second, index, cand_best, cand_second, cand_index):
 
 
 @triton.jit
+def _dot_operand(tile, DOT_16BIT: tl.constexpr):
+    """A loaded tile as the dot takes it: as loaded (16-bit), else float32."""
+    if DOT_16BIT:
+        return tile
+    return tile.to(tl.float32)
+
+
+@triton.jit
 def _search_kernel(x_ptr, cb_ptr, cb_sq_ptr, best_ptr, second_ptr, index_ptr, N, K, codes_per_split,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, DOT_16BIT: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N * D passes 2^31
     row_ok = rows < N
@@ -49,8 +65,8 @@ def _search_kernel(x_ptr, cb_ptr, cb_sq_ptr, best_ptr, second_ptr, index_ptr, N,
     second = tl.full((BLOCK_N,), float("inf"), tl.float32)
     index = tl.zeros((BLOCK_N,), tl.int32)
     if D <= BLOCK_D:  # the row block stays in registers for the whole code range
-        x_tile = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D),
-                         other=0.0).to(tl.float32)
+        x_tile = _dot_operand(tl.load(x_ptr + rows[:, None] * D + dims[None, :],
+                                      mask=row_ok[:, None] & (dims[None, :] < D), other=0.0), DOT_16BIT)
     for k0 in range(k_begin, k_end, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         code_ok = codes < k_end
@@ -58,10 +74,10 @@ def _search_kernel(x_ptr, cb_ptr, cb_sq_ptr, best_ptr, second_ptr, index_ptr, N,
         for d0 in tl.static_range(0, D, BLOCK_D):
             d_ok = (d0 + dims) < D
             if D > BLOCK_D:
-                x_tile = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                                 other=0.0).to(tl.float32)
-            e_tile = tl.load(cb_ptr + codes.to(tl.int64)[:, None] * D + d0 + dims[None, :],
-                             mask=code_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                x_tile = _dot_operand(tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :],
+                                              mask=row_ok[:, None] & d_ok[None, :], other=0.0), DOT_16BIT)
+            e_tile = _dot_operand(tl.load(cb_ptr + codes.to(tl.int64)[:, None] * D + d0 + dims[None, :],
+                                          mask=code_ok[:, None] & d_ok[None, :], other=0.0), DOT_16BIT)
             acc = tl.dot(x_tile, tl.trans(e_tile), acc, input_precision=PRECISION)
         cb_sq = tl.load(cb_sq_ptr + codes, mask=code_ok, other=float("inf"))
         v = cb_sq[None, :] - 2.0 * acc
@@ -146,13 +162,30 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
     tl.store(loss_part_ptr + pid, tl.sum(tl.where(row_ok, dist, 0.0), axis=0))
 
 
+def _gpu_launch(x):
+    """Whether launches for ``x`` take the GPU configuration (tiles, dot precision, rounding
+    bound). One place, so the tests can compile and interpret that configuration on CPU."""
+    return x.is_cuda
+
+
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _config(x):
     """(BLOCK_N, BLOCK_K, BLOCK_D for the dot, BLOCK_D for the exact rescan, programs to aim for)."""
     d = triton.next_power_of_2(max(x.shape[1], 16))
-    if x.is_cuda:
-        return 64, 64, min(d, 64), min(d, 32), 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    if _gpu_launch(x):
+        return 64, 64, min(d, 64), min(d, 32), 2 * _multiprocessors(x.device)
     # Interpreter: every program instance costs ~0.5 ms, so few large programs.
     return 64, 128, min(d, 256), min(d, 64), 4
+
+
+def _rounding(d, on_gpu, dot_16bit):
+    """The coefficient of the expansion's error bound (module docstring: the truncating model)."""
+    if not on_gpu:
+        return (d + 4) * _UNIT_ROUNDOFF
+    return (2 * d + 4 + (0 if dot_16bit else _TF32X3_PRODUCT_ROUNDINGS)) * _UNIT_ROUNDOFF
 
 
 def _search(x, codebook, write_quantized):
@@ -171,8 +204,10 @@ def _search(x, codebook, write_quantized):
     splits = triton.cdiv(k, codes_per_split)
     best = torch.empty(splits, n, device=x.device, dtype=torch.float32)
     second, index = torch.empty_like(best), torch.empty(splits, n, device=x.device, dtype=torch.int32)
-    precision = "tf32x3" if x.is_cuda else "ieee"
-    rounding = (d + 4 + (_TF32X3_EXTRA_ROUNDINGS if x.is_cuda else 0)) * _UNIT_ROUNDOFF
+    on_gpu = _gpu_launch(x)
+    dot_16bit = on_gpu and x.dtype in (torch.float16, torch.bfloat16)
+    precision = "tf32x3" if on_gpu and not dot_16bit else "ieee"  # 16-bit dots ignore it
+    rounding = _rounding(d, on_gpu, dot_16bit)
     indices = torch.empty(n, device=x.device, dtype=torch.int64)
     sq_dist = torch.empty(n, device=x.device, dtype=x.dtype)
     quantized = torch.empty_like(x) if write_quantized else sq_dist  # unused pointer when not written
@@ -180,8 +215,9 @@ def _search(x, codebook, write_quantized):
     if n == 0:
         return indices, sq_dist, (quantized if write_quantized else None), loss_parts.zero_()
     _search_kernel[(row_blocks, splits)](x, codebook, cb_sq, best, second, index, n, k, codes_per_split,
-                                         D=d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision)
-    scan_block_k = 16 if x.is_cuda else block_k
+                                         D=d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision,
+                                         DOT_16BIT=dot_16bit)
+    scan_block_k = 16 if on_gpu else block_k
     _finish_kernel[(row_blocks,)](x, codebook, best, second, index, indices, sq_dist, quantized, loss_parts, cb_sq_max,
                                   n, k, splits, rounding, D=d, BLOCK_N=block_n,
                                   BLOCK_K=scan_block_k, BLOCK_D=scan_block_d, WRITE_QUANTIZED=write_quantized)
@@ -257,7 +293,7 @@ def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, be
     k = codebook.shape[0]
     scale_per_grad = 2.0 / max(x.numel(), 1)  # times grad_loss, read by the kernels (no host sync)
     block_n = 64
-    block_d = min(triton.next_power_of_2(max(d, 1)), 128 if x.is_cuda else 256)
+    block_d = min(triton.next_power_of_2(max(d, 1)), 128 if _gpu_launch(x) else 256)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     grad_x = torch.empty_like(x)
     grad_cb = torch.zeros(k, d, device=x.device, dtype=torch.float32)

@@ -158,3 +158,79 @@ def test_vq_past_2_to_the_31_elements_matches_the_reference_on_the_last_rows():
     assert torch.equal(x.grad[-4096:], torch.ones_like(tail))  # straight-through of quantized.sum()
     del x, quantized
     torch.cuda.empty_cache()
+
+
+@pytest.fixture
+def gpu_vq_configuration(monkeypatch):
+    """The VQ launchers take their CUDA configuration (64-row tiles, ``tf32x3`` dots, the
+    CUDA rounding bound, an H100's 132 SMs) on CPU tensors, run by the interpreter."""
+    requires_on("triton", "cpu", "vector_quantize", "vector_quantize_backward")
+    import fastvae.kernels.vq as vq_kernels
+
+    monkeypatch.setattr(vq_kernels, "_gpu_launch", lambda x: True)
+    monkeypatch.setattr(vq_kernels, "_multiprocessors", lambda device: 132)
+    _interpret_bfloat16_dots(monkeypatch)
+    return vq_kernels
+
+
+def _interpret_bfloat16_dots(monkeypatch):
+    """The interpreter keeps bfloat16 as its uint16 bits and multiplies those in tl.dot (a
+    GPU multiplies the values): widen bfloat16 operands to float32 first, exactly."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        values = (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return interpreter.TensorHandle(values, tl.float32)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot",
+                        lambda self, a, b, *rest: original(self, widen(a), widen(b), *rest))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,d", [(130, 70, 8), (70, 300, 64), (20, 40, 256)])
+def test_vq_gpu_configuration_matches_the_reference(gpu_vq_configuration, n, k, d, dtype):
+    """The CUDA branch's numerics (D <= and > BLOCK_D, code splits, near-ties and exact
+    duplicates), forward and backward, against the float64 oracle and the reference."""
+    from test_vq import assert_nearest, clustered
+
+    x, codebook = clustered(n, k, d, dtype)
+    x.requires_grad_(), codebook.requires_grad_()
+    with fastvae.use_backend("triton"):
+        quantized, indices, loss = fastvae.vector_quantize(x, codebook)
+        grads = torch.autograd.grad(quantized.float().sum() + 3 * loss.float(), (x, codebook))
+        assert_nearest(*fastvae.nearest_code(x, codebook), x, codebook)
+    assert_nearest(indices, ((quantized.double() - x.double()) ** 2).sum(1).to(dtype), x, codebook)
+    expected = reference.vector_quantize_backward(torch.ones_like(quantized), torch.tensor(3.0, dtype=dtype),
+                                                  x.detach().double(), codebook.detach().double(), indices, 0.25)
+    for got, want in zip(grads, expected):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype,dot", [(torch.float32, ("tf32x3", False)), (torch.float16, ("ieee", True)),
+                                       (torch.bfloat16, ("ieee", True))])
+def test_vq_gpu_search_dots_16bit_inputs_natively(gpu_vq_configuration, monkeypatch, dtype, dot):
+    """16-bit values are exact in tf32, so tf32x3's extra passes add nothing: a float16 or
+    bfloat16 search dots the tiles as loaded (float32 accumulation), float32 as tf32x3,
+    each with its own error bound (the truncating model of ``kernels/vq.py``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    searches = []
+    original = InterpretedFunction.run
+
+    def run(self, *args, **kwargs):
+        if self.fn.__name__ == "_search_kernel":
+            searches.append((kwargs["PRECISION"], kwargs["DOT_16BIT"]))
+        elif self.fn.__name__ == "_finish_kernel":
+            searches.append(args[13])  # rounding
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    with fastvae.use_backend("triton"):
+        fastvae.nearest_code(torch.randn(10, 64, dtype=dtype), torch.randn(20, 64, dtype=dtype))
+    u = 2.0**-24
+    assert searches == [dot, (2 * 64 + 4 + (0 if dot[1] else 48)) * u]
