@@ -46,9 +46,9 @@ def _merge(best, second, index, cand_best, cand_second, cand_index):
 @triton.jit
 def _dot_operand(tile, DOT_16BIT: tl.constexpr):
     """A loaded tile as the dot takes it: as loaded (16-bit), else float32."""
-    if DOT_16BIT:
-        return tile
-    return tile.to(tl.float32)
+    if not DOT_16BIT:
+        tile = tile.to(tl.float32)
+    return tile
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _exact_sq_dist(x_ptr, cb_ptr, rows, row_ok, codes, code_ok, D: tl.constexpr,
     """float32 ||x_r - e_c||^2 for each (row, code) pair of the block, (BLOCK_N, BLOCK_K)."""
     dims = tl.arange(0, BLOCK_D)
     dist = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for d0 in tl.static_range(0, D, BLOCK_D):
+    for d0 in range(0, D, BLOCK_D):  # a loop, not unrolled: unrolled loads spilled registers
         d_ok = (d0 + dims) < D
         xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :],
                      other=0.0).to(tl.float32)
@@ -125,7 +125,7 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
                                      tl.load(index_ptr + s * N + rows, mask=row_ok, other=0))
     dims = tl.arange(0, BLOCK_D)
     x_sq = tl.zeros((BLOCK_N,), tl.float32)
-    for d0 in tl.static_range(0, D, BLOCK_D):
+    for d0 in range(0, D, BLOCK_D):
         xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :],
                      mask=row_ok[:, None] & ((d0 + dims) < D)[None, :], other=0.0).to(tl.float32)
         x_sq += tl.sum(xv * xv, axis=1)
@@ -149,7 +149,7 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
     index = tl.where(ambiguous, exact_index, index)
     # Gather the winner: its exact squared distance, and the quantized row (a bit copy).
     dist = tl.zeros((BLOCK_N,), tl.float32)
-    for d0 in tl.static_range(0, D, BLOCK_D):
+    for d0 in range(0, D, BLOCK_D):
         mask = row_ok[:, None] & ((d0 + dims) < D)[None, :]
         xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0).to(tl.float32)
         code = tl.load(cb_ptr + index.to(tl.int64)[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0)
@@ -176,7 +176,9 @@ def _config(x):
     """(BLOCK_N, BLOCK_K, BLOCK_D for the dot, BLOCK_D for the exact rescan, programs to aim for)."""
     d = triton.next_power_of_2(max(x.shape[1], 16))
     if _gpu_launch(x):
-        return 64, 64, min(d, 64), min(d, 32), 2 * _multiprocessors(x.device)
+        # The exact rescan's (BLOCK_N, 8 codes, 16 dims) difference tile is 64 registers a
+        # thread at 4 warps; (64, 16, 32) spilled 5-15 KB a thread (the sm_90 compile test).
+        return 64, 64, min(d, 64), min(d, 16), 2 * _multiprocessors(x.device)
     # Interpreter: every program instance costs ~0.5 ms, so few large programs.
     return 64, 128, min(d, 256), min(d, 64), 4
 
@@ -216,11 +218,12 @@ def _search(x, codebook, write_quantized):
         return indices, sq_dist, (quantized if write_quantized else None), loss_parts.zero_()
     _search_kernel[(row_blocks, splits)](x, codebook, cb_sq, best, second, index, n, k, codes_per_split,
                                          D=d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision,
-                                         DOT_16BIT=dot_16bit)
-    scan_block_k = 16 if on_gpu else block_k
+                                         DOT_16BIT=dot_16bit, num_stages=2 if on_gpu else 3)  # 3 stages: 288 KiB
+    scan_block_k = 8 if on_gpu else block_k
     _finish_kernel[(row_blocks,)](x, codebook, best, second, index, indices, sq_dist, quantized, loss_parts, cb_sq_max,
                                   n, k, splits, rounding, D=d, BLOCK_N=block_n,
-                                  BLOCK_K=scan_block_k, BLOCK_D=scan_block_d, WRITE_QUANTIZED=write_quantized)
+                                  BLOCK_K=scan_block_k, BLOCK_D=scan_block_d, WRITE_QUANTIZED=write_quantized,
+                                  num_warps=8 if on_gpu else 4)
     return indices, sq_dist, (quantized if write_quantized else None), loss_parts
 
 
