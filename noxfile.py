@@ -2,6 +2,7 @@
 
     python -m pip install nox && python -m nox -s bench   # the benchmark suite, printing its tables
     python -m pip install nox && python -m nox -s tests   # the test suite
+    python -m nox -s gpu                                    # on a CUDA machine: gpu tests + GPU benchmarks
 
 Both reuse a torch that is already installed (the venv sees the system site-packages);
 where none is, they install ``torch==2.13.0`` (on the project's CPU machines the local
@@ -35,3 +36,13 @@ def bench(session):
     """Build, then run every benchmark on the default device and print the tables."""
     _install(session, ["faiss-cpu", "vector-quantize-pytorch"])
     session.run("python", "benchmarks/run_all.py", *session.posargs)
+
+
+@nox.session(venv_params=["--system-site-packages"], default=False)  # only when asked for: needs a GPU
+def gpu(session):
+    """On a CUDA machine: build against the installed CUDA torch (installing nothing else),
+    run the gpu-marked tests, then every benchmark at its GPU shapes in float32 and
+    bfloat16; all result files go to one folder ($OUT, else benchmarks/results/gpu-<gpu>-<date>/).
+    See benchmarks/gpu_check.py."""
+    session.install("--no-build-isolation", "--no-deps", "-e", ".")
+    session.run("python", "benchmarks/gpu_check.py", *session.posargs)

@@ -36,7 +36,7 @@ OPS = {
 def cases(args):
     on_gpu = args.device.startswith("cuda")
     shapes = (GPU_SHAPES if on_gpu else CPU_SHAPES)[:1 if args.quick else None]
-    for dtype in [torch.float32, torch.bfloat16] if on_gpu else [torch.float32]:
+    for dtype in harness.dtypes(args):
         for shape in shapes:
             mu = torch.randn(shape, device=args.device, dtype=dtype)
             logvar = torch.randn(shape, device=args.device, dtype=dtype)

@@ -1,6 +1,6 @@
 """VQ column: nearest_code and vector_quantize forward against what users run today.
 
-    python benchmarks/bench_vq.py [--device cuda] [--quick] [--samples 3]
+    python benchmarks/bench_vq.py [--device cuda] [--quick] [--samples 3] [--dtypes float32,bfloat16]
 
 nearest_code: ``torch.cdist(x, e).argmin(1)``, the matmul expansion
 ``(||e||^2 - 2 x e^T).argmin(1)`` in eager and under torch.compile, and faiss
@@ -10,6 +10,8 @@ Peer packages are optional: a missing one's column is skipped with a note. Floor
 ``2 N K D`` FLOPs of the distance GEMM over the measured float32 matrix rate. Peak memory
 is measured per candidate (O(N) for fastvae; the alternatives hold the (N, K) matrix).
 """
+import itertools
+
 import torch
 
 import fastvae
@@ -38,8 +40,8 @@ def eager_vector_quantize(x, codebook, beta=0.25):
 
 def faiss_candidate(x, codebook):
     """faiss IndexFlatL2 search with k=1, or a note saying why it is skipped."""
-    if x.device.type != "cpu":
-        return None, "faiss: CPU only here"
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None, "faiss: CPU float32 only here"
     try:
         import faiss
     except ImportError:
@@ -78,9 +80,9 @@ def vqp_candidate(x, codebook):
 
 def cases(args):
     shapes = SHAPES[:1] if args.quick else SHAPES
-    for n, k, d in shapes:
-        x = torch.randn(n, d, device=args.device)
-        codebook = torch.randn(k, d, device=args.device)
+    for dtype, (n, k, d) in itertools.product(harness.dtypes(args), shapes):
+        x = torch.randn(n, d, device=args.device, dtype=dtype)
+        codebook = torch.randn(k, d, device=args.device, dtype=dtype)
         flops = 2 * n * k * d
 
         candidates = fastvae_candidates(lambda: fastvae.nearest_code(x, codebook), args.device, ["nearest_code"])
@@ -91,15 +93,15 @@ def cases(args):
             candidates["matmul expansion compile"] = lambda: comp(x, codebook)
         add_peer(candidates, "faiss IndexFlatL2", faiss_candidate(x, codebook))
         max_samples = 3 if flops > LARGE_FLOPS and not args.device.startswith("cuda") else None
-        yield Case("nearest_code", (n, k, d), candidates, flops=flops, device=args.device, memory=True,
+        yield Case("nearest_code", (n, k, d), candidates, flops=flops, device=args.device, dtype=dtype, memory=True,
                    max_samples=max_samples)
 
         candidates = fastvae_candidates(lambda: fastvae.vector_quantize(x, codebook), args.device,
                                         ["vector_quantize"])
         candidates["eager VQ layer"] = lambda: eager_vector_quantize(x, codebook)
         add_peer(candidates, "vector-quantize-pytorch", vqp_candidate(x, codebook))
-        yield Case("vector_quantize", (n, k, d), candidates, flops=flops, device=args.device, memory=True,
-                   max_samples=max_samples)
+        yield Case("vector_quantize", (n, k, d), candidates, flops=flops, device=args.device, dtype=dtype,
+                   memory=True, max_samples=max_samples)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _floor_seconds(case):
     if case.bytes_moved:
         floors.append(case.bytes_moved / copy_bandwidth(case.device))
     if case.flops:
-        floors.append(case.flops / matrix_rate(case.device))
+        floors.append(case.flops / matrix_rate(case.device, case.dtype))
     return max(floors) if floors else None
 
 
@@ -175,7 +175,16 @@ def parser(description):
     p.add_argument("--quick", action="store_true", help="smallest shapes only (smoke test)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile candidates")
     p.add_argument("--out", default=None, help="JSON file for the results (default: benchmarks/results/...)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated input dtypes, e.g. float32,bfloat16 (default: those two on CUDA, float32 on CPU)")
     return p
+
+
+def dtypes(args):
+    """The input dtypes to run: ``--dtypes``, else float32 and bfloat16 on CUDA, float32 on CPU."""
+    if args.dtypes:
+        return [getattr(torch, name.strip()) for name in args.dtypes.split(",")]
+    return [torch.float32, torch.bfloat16] if torch.device(args.device).type == "cuda" else [torch.float32]
 
 
 def environment(device):

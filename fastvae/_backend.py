@@ -10,6 +10,10 @@ editing. For each call, ``lookup(op, tensor)`` picks the implementation:
 * ``auto`` takes the first backend in the device's preference order that can run it,
   so an op a backend lacks simply falls through to the next.
 
+A backend registered with ``device_guard`` (Triton: its launches go to the *current*
+CUDA device and that device's current stream) runs each CUDA call with the first
+tensor's device made current, so a tensor on ``cuda:1`` never launches on GPU 0.
+
 Choices are cached per (backend, op, device type, dtype): the hot path is one dict
 lookup after the first call.
 """
@@ -37,8 +41,9 @@ class BackendError(RuntimeError):
 
 
 class _Backend:
-    def __init__(self, name, module, devices, dtypes, unavailable_hint, device_ops=None):
+    def __init__(self, name, module, devices, dtypes, unavailable_hint, device_ops=None, device_guard=False):
         self.name = name
+        self.device_guard = device_guard
         self._module_name = module
         self._devices = devices  # () -> set of device types it can run
         # () -> {device type: the ops with a kernel there}; a device type left out runs every op
@@ -107,12 +112,12 @@ _PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")
 _FALLBACK_PREFERENCE = ("torch",)
 
 
-def _register(name, module, devices, dtypes, hint, device_ops=None):
-    _BACKENDS[name] = _Backend(name, module, devices, dtypes, hint, device_ops)
+def _register(name, module, devices, dtypes, hint, device_ops=None, device_guard=False):
+    _BACKENDS[name] = _Backend(name, module, devices, dtypes, hint, device_ops, device_guard)
 
 
 _register("triton", "fastvae.kernels", _triton_devices, KERNEL_DTYPES,
-          "needs the triton package, and TRITON_INTERPRET=1 for CPU tensors")
+          "needs the triton package, and TRITON_INTERPRET=1 for CPU tensors", device_guard=True)
 _register("native", "fastvae._C", _native_devices, KERNEL_DTYPES,
           "the compiled extension fastvae._C was not built; reinstall with a C++ compiler present",
           _native_device_ops)
@@ -170,15 +175,33 @@ def lookup(op, tensor):
     return impl
 
 
+def _on_tensor_device(impl):
+    """``impl`` called with its first tensor's CUDA device current (and so that device's
+    current stream): the guard of every call of a ``device_guard`` backend on CUDA."""
+    device = torch.cuda.device
+
+    def guarded(first, *rest):
+        with device(first.device):
+            return impl(first, *rest)
+
+    guarded.__name__ = guarded.__qualname__ = impl.__name__
+    return guarded
+
+
+def _implementation(backend, op, device_type):
+    impl = getattr(backend.module(), op)
+    return _on_tensor_device(impl) if backend.device_guard and device_type == "cuda" else impl
+
+
 def _resolve(choice, op, device_type, dtype):
     if choice != "auto":
         reason = _BACKENDS[_check_name(choice)].why_not(op, device_type, dtype)
         if reason is not None:
             raise BackendError(f"fastvae backend '{choice}' cannot run {op} on {device_type} {dtype}: {reason}")
-        return getattr(_BACKENDS[choice].module(), op)
+        return _implementation(_BACKENDS[choice], op, device_type)
     for name in _PREFERENCE.get(device_type, _FALLBACK_PREFERENCE):
         if _BACKENDS[name].why_not(op, device_type, dtype) is None:
-            return getattr(_BACKENDS[name].module(), op)
+            return _implementation(_BACKENDS[name], op, device_type)
     raise BackendError(f"no fastvae backend can run {op} on {device_type} {dtype}")
 
 

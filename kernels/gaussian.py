@@ -172,6 +172,19 @@ def _launch(kernel, mu, operands, outputs, seed, scale=None, **flags):
                                      FLAT=flat, BLOCK=BLOCK, **flags)
 
 
+_ZEROS = {}
+
+
+def _zero(like):
+    """A 0-d zero on ``like``'s device and dtype (the missing one of two priors), made once
+    per device and dtype rather than filled on every call."""
+    key = (like.device, like.dtype)
+    zero = _ZEROS.get(key)
+    if zero is None:
+        zero = _ZEROS[key] = like.new_zeros(())
+    return zero
+
+
 def _forward(mu, logvar, prior_mu, prior_logvar, seed, sample, reduction):
     kl = reduction is not None
     reduce = kl and _REDUCTIONS[reduction] == 1
@@ -181,7 +194,7 @@ def _forward(mu, logvar, prior_mu, prior_logvar, seed, sample, reduction):
         shape = (triton.cdiv(mu.numel(), BLOCK),) if reduce else mu.shape
         kl_out = torch.empty(shape, dtype=torch.float32 if reduce else mu.dtype, device=mu.device)
     prior = prior_mu is not None or prior_logvar is not None
-    zero = mu.new_zeros(())
+    zero = _zero(mu)
     priors = [(zero if p is None else p) if prior else None for p in (prior_mu, prior_logvar)]
     _launch(_forward_kernel, mu, [mu, logvar] + priors, [z, kl_out], seed,
             SAMPLE=sample, KL=kl, REDUCE=reduce, PRIOR=prior)
@@ -200,7 +213,7 @@ def _backward(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, reducti
     grads = [torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device) for _ in range(count)]
     g_mu, g_lv = (None, grads[0]) if count == 1 else grads[:2]
     g_pm, g_plv = grads[2:] if prior else (None, None)
-    zero = logvar.new_zeros(())
+    zero = _zero(logvar)
     priors = [(zero if p is None else p) if prior else None for p in (prior_mu, prior_logvar)]
     divisor = _divisor(reduction, logvar)
     scale = 1.0 / divisor if divisor else math.nan  # divisor 0: an empty batch, nothing to scale

@@ -307,11 +307,13 @@ def _categorical_kl_rows(logits, prior_logits, dim, row_grad=None):
              for _ in range((1 + has_prior) if backward else 0)]
     if rows:
         block_k = min(triton.next_power_of_2(K), 4096)
-        block_r = max(1, min(64 if inner > 1 else 16, _TILE_ELEMENTS // block_k, triton.next_power_of_2(rows)))
+        tile = _TILE_ELEMENTS // (2 if backward and has_prior else 1)  # its five live tiles spilled at 8192
+        block_r = max(1, min(64 if inner > 1 else 16, tile // block_k, triton.next_power_of_2(rows)))
         gx, gq = (grads[0], grads[-1]) if backward else (kl, kl)
         _kl_kernel[(triton.cdiv(rows, block_r),)](
             x, q, kl, row_grad if backward else kl, gx, gq, rows, K, inner, K * inner, x_os, x_is, x_cs,
-            q_os, q_is, q_cs, HAS_PRIOR=has_prior, BACKWARD=backward, BLOCK_R=block_r, BLOCK_K=block_k)
+            q_os, q_is, q_cs, HAS_PRIOR=has_prior, BACKWARD=backward, BLOCK_R=block_r, BLOCK_K=block_k,
+            num_warps=8 if backward else 4)  # backward's live tiles spilled at 4 warps (sm_90 compile test)
     return grads if backward else kl
 
 

@@ -13,17 +13,25 @@ and makes the answer exact. The expansion's rounding error is at most
 the row block is searched again with the exact float32 ``(x - e)^2``. It then gathers the
 winning code (``quantized`` is a copy of codebook rows) and its exact squared distance.
 
-On CUDA the dot runs as ``tf32x3`` (three tensor-core passes, close to float32), with a
-bound widened to match; under ``TRITON_INTERPRET=1`` it is float32.
+On CUDA a float32 dot runs as ``tf32x3`` (three tensor-core passes, close to float32)
+and a float16/bfloat16 dot natively in 16 bits (their values are exact in tf32, so two of
+three passes would add nothing) with float32 accumulation; under ``TRITON_INTERPRET=1`` it
+is float32. ``ROUNDING`` (``_rounding``) follows a model of Hopper's tensor cores that
+assumes the worst of each step: the accumulator *truncates* (chops) after every addition,
+at most 2u of the running sum (u = 2^-24) instead of round-to-nearest's u, so a D-term
+dot errs by up to 2D u sum|x_i e_i|; Triton's tf32x3 passes ``a - tf32(a)`` unrounded,
+and the MMA reads it truncated to tf32, so with the dropped ``lo * lo`` term and ``hi``
+parts possibly truncated too each product errs by up to 3 * 2^-20 = 48u of |x_i e_i|;
+16-bit products are exact in float32. With ``||e||^2`` summed in float32 (D u ||e||^2),
+the coefficient of ``max ||e||^2 + 2 ||x|| max ||e||`` is (2D + 52) u for tf32x3, (2D + 4) u
+for the 16-bit dot and (D + 4) u for the interpreter's round-to-nearest float32.
 """
 import torch
 import triton
 import triton.language as tl
 
 _UNIT_ROUNDOFF = 2.0**-24
-# tf32x3 keeps about 21 bits per product (the dropped lo*lo term and the lo parts'
-# own rounding); counted as 32 extra float32 roundings per dot, a 4x margin.
-_TF32X3_EXTRA_ROUNDINGS = 32
+_TF32X3_PRODUCT_ROUNDINGS = 48  # 3 * 2^-20 per product, in units of u (module docstring)
 _INT32_MAX = tl.constexpr(2**31 - 1)  # kernels read only constexpr globals
 
 
@@ -36,11 +44,19 @@ def _merge(best, second, index, cand_best, cand_second, cand_index):
 
 
 @triton.jit
+def _dot_operand(tile, DOT_16BIT: tl.constexpr):
+    """A loaded tile as the dot takes it: as loaded (16-bit), else float32."""
+    if not DOT_16BIT:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _search_kernel(x_ptr, cb_ptr, cb_sq_ptr, best_ptr, second_ptr, index_ptr, N, K, codes_per_split,
                    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, DOT_16BIT: tl.constexpr):
     pid_n, split = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: N * D passes 2^31
     row_ok = rows < N
     k_begin = split * codes_per_split
     k_end = tl.minimum(k_begin + codes_per_split, K)
@@ -49,8 +65,8 @@ def _search_kernel(x_ptr, cb_ptr, cb_sq_ptr, best_ptr, second_ptr, index_ptr, N,
     second = tl.full((BLOCK_N,), float("inf"), tl.float32)
     index = tl.zeros((BLOCK_N,), tl.int32)
     if D <= BLOCK_D:  # the row block stays in registers for the whole code range
-        x_tile = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=row_ok[:, None] & (dims[None, :] < D),
-                         other=0.0).to(tl.float32)
+        x_tile = _dot_operand(tl.load(x_ptr + rows[:, None] * D + dims[None, :],
+                                      mask=row_ok[:, None] & (dims[None, :] < D), other=0.0), DOT_16BIT)
     for k0 in range(k_begin, k_end, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         code_ok = codes < k_end
@@ -58,10 +74,10 @@ def _search_kernel(x_ptr, cb_ptr, cb_sq_ptr, best_ptr, second_ptr, index_ptr, N,
         for d0 in tl.static_range(0, D, BLOCK_D):
             d_ok = (d0 + dims) < D
             if D > BLOCK_D:
-                x_tile = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                                 other=0.0).to(tl.float32)
-            e_tile = tl.load(cb_ptr + codes[:, None] * D + d0 + dims[None, :], mask=code_ok[:, None] & d_ok[None, :],
-                             other=0.0).to(tl.float32)
+                x_tile = _dot_operand(tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :],
+                                              mask=row_ok[:, None] & d_ok[None, :], other=0.0), DOT_16BIT)
+            e_tile = _dot_operand(tl.load(cb_ptr + codes.to(tl.int64)[:, None] * D + d0 + dims[None, :],
+                                          mask=code_ok[:, None] & d_ok[None, :], other=0.0), DOT_16BIT)
             acc = tl.dot(x_tile, tl.trans(e_tile), acc, input_precision=PRECISION)
         cb_sq = tl.load(cb_sq_ptr + codes, mask=code_ok, other=float("inf"))
         v = cb_sq[None, :] - 2.0 * acc
@@ -81,12 +97,12 @@ def _exact_sq_dist(x_ptr, cb_ptr, rows, row_ok, codes, code_ok, D: tl.constexpr,
     """float32 ||x_r - e_c||^2 for each (row, code) pair of the block, (BLOCK_N, BLOCK_K)."""
     dims = tl.arange(0, BLOCK_D)
     dist = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for d0 in tl.static_range(0, D, BLOCK_D):
+    for d0 in range(0, D, BLOCK_D):  # a loop, not unrolled: unrolled loads spilled registers
         d_ok = (d0 + dims) < D
         xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=row_ok[:, None] & d_ok[None, :],
                      other=0.0).to(tl.float32)
-        ev = tl.load(cb_ptr + codes[:, None] * D + d0 + dims[None, :], mask=code_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)
+        ev = tl.load(cb_ptr + codes.to(tl.int64)[:, None] * D + d0 + dims[None, :],
+                     mask=code_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         diff = xv[:, None, :] - ev[None, :, :]
         dist += tl.sum(diff * diff, axis=2)
     return dist
@@ -98,7 +114,7 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
                    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    WRITE_QUANTIZED: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     best = tl.load(best_ptr + rows, mask=row_ok, other=0.0)
     second = tl.load(second_ptr + rows, mask=row_ok, other=float("inf"))
@@ -109,7 +125,7 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
                                      tl.load(index_ptr + s * N + rows, mask=row_ok, other=0))
     dims = tl.arange(0, BLOCK_D)
     x_sq = tl.zeros((BLOCK_N,), tl.float32)
-    for d0 in tl.static_range(0, D, BLOCK_D):
+    for d0 in range(0, D, BLOCK_D):
         xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :],
                      mask=row_ok[:, None] & ((d0 + dims) < D)[None, :], other=0.0).to(tl.float32)
         x_sq += tl.sum(xv * xv, axis=1)
@@ -133,10 +149,10 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
     index = tl.where(ambiguous, exact_index, index)
     # Gather the winner: its exact squared distance, and the quantized row (a bit copy).
     dist = tl.zeros((BLOCK_N,), tl.float32)
-    for d0 in tl.static_range(0, D, BLOCK_D):
+    for d0 in range(0, D, BLOCK_D):
         mask = row_ok[:, None] & ((d0 + dims) < D)[None, :]
         xv = tl.load(x_ptr + rows[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-        code = tl.load(cb_ptr + index[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0)
+        code = tl.load(cb_ptr + index.to(tl.int64)[:, None] * D + d0 + dims[None, :], mask=mask, other=0.0)
         diff = xv - code.to(tl.float32)
         dist += tl.sum(diff * diff, axis=1)
         if WRITE_QUANTIZED:
@@ -146,13 +162,32 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
     tl.store(loss_part_ptr + pid, tl.sum(tl.where(row_ok, dist, 0.0), axis=0))
 
 
+def _gpu_launch(x):
+    """Whether launches for ``x`` take the GPU configuration (tiles, dot precision, rounding
+    bound). One place, so the tests can compile and interpret that configuration on CPU."""
+    return x.is_cuda
+
+
+def _multiprocessors(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _config(x):
     """(BLOCK_N, BLOCK_K, BLOCK_D for the dot, BLOCK_D for the exact rescan, programs to aim for)."""
     d = triton.next_power_of_2(max(x.shape[1], 16))
-    if x.is_cuda:
-        return 64, 64, min(d, 64), min(d, 32), 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    if _gpu_launch(x):
+        # The exact rescan's (BLOCK_N, 8 codes, 16 dims) difference tile is 64 registers a
+        # thread at 4 warps; (64, 16, 32) spilled 5-15 KB a thread (the sm_90 compile test).
+        return 64, 64, min(d, 64), min(d, 16), 2 * _multiprocessors(x.device)
     # Interpreter: every program instance costs ~0.5 ms, so few large programs.
     return 64, 128, min(d, 256), min(d, 64), 4
+
+
+def _rounding(d, on_gpu, dot_16bit):
+    """The coefficient of the expansion's error bound (module docstring: the truncating model)."""
+    if not on_gpu:
+        return (d + 4) * _UNIT_ROUNDOFF
+    return (2 * d + 4 + (0 if dot_16bit else _TF32X3_PRODUCT_ROUNDINGS)) * _UNIT_ROUNDOFF
 
 
 def _search(x, codebook, write_quantized):
@@ -171,8 +206,10 @@ def _search(x, codebook, write_quantized):
     splits = triton.cdiv(k, codes_per_split)
     best = torch.empty(splits, n, device=x.device, dtype=torch.float32)
     second, index = torch.empty_like(best), torch.empty(splits, n, device=x.device, dtype=torch.int32)
-    precision = "tf32x3" if x.is_cuda else "ieee"
-    rounding = (d + 4 + (_TF32X3_EXTRA_ROUNDINGS if x.is_cuda else 0)) * _UNIT_ROUNDOFF
+    on_gpu = _gpu_launch(x)
+    dot_16bit = on_gpu and x.dtype in (torch.float16, torch.bfloat16)
+    precision = "tf32x3" if on_gpu and not dot_16bit else "ieee"  # 16-bit dots ignore it
+    rounding = _rounding(d, on_gpu, dot_16bit)
     indices = torch.empty(n, device=x.device, dtype=torch.int64)
     sq_dist = torch.empty(n, device=x.device, dtype=x.dtype)
     quantized = torch.empty_like(x) if write_quantized else sq_dist  # unused pointer when not written
@@ -180,11 +217,13 @@ def _search(x, codebook, write_quantized):
     if n == 0:
         return indices, sq_dist, (quantized if write_quantized else None), loss_parts.zero_()
     _search_kernel[(row_blocks, splits)](x, codebook, cb_sq, best, second, index, n, k, codes_per_split,
-                                         D=d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision)
-    scan_block_k = 16 if x.is_cuda else block_k
+                                         D=d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision,
+                                         DOT_16BIT=dot_16bit, num_stages=2 if on_gpu else 3)  # 3 stages: 288 KiB
+    scan_block_k = 8 if on_gpu else block_k
     _finish_kernel[(row_blocks,)](x, codebook, best, second, index, indices, sq_dist, quantized, loss_parts, cb_sq_max,
                                   n, k, splits, rounding, D=d, BLOCK_N=block_n,
-                                  BLOCK_K=scan_block_k, BLOCK_D=scan_block_d, WRITE_QUANTIZED=write_quantized)
+                                  BLOCK_K=scan_block_k, BLOCK_D=scan_block_d, WRITE_QUANTIZED=write_quantized,
+                                  num_warps=8 if on_gpu else 4)
     return indices, sq_dist, (quantized if write_quantized else None), loss_parts
 
 
@@ -204,7 +243,7 @@ def _grad_x_kernel(grad_q_ptr, x_ptr, cb_ptr, index_ptr, grad_x_ptr, grad_loss_p
                    D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad_x = grad_quantized + beta * scale * (x - e[index]), scale = 2 grad_loss / (N D)."""
     commit = commit_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows < N)[:, None] & (dims < D)[None, :]
     index = tl.load(index_ptr + rows, mask=rows < N, other=0)
@@ -220,7 +259,7 @@ def _grad_codebook_atomic_kernel(x_ptr, cb_ptr, index_ptr, grad_cb_ptr, grad_los
                                  D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """grad_cb[index[r]] += -scale * (x_r - e[index[r]]) with atomics (order varies per run)."""
     neg_scale = -scale_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows < N)[:, None] & (dims < D)[None, :]
     index = tl.load(index_ptr + rows, mask=rows < N, other=0)
@@ -235,7 +274,7 @@ def _grad_codebook_sorted_kernel(x_ptr, cb_ptr, order_ptr, offset_ptr, grad_cb_p
                                  D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program per code: sums its rows (order[offset[c]:offset[c+1]]) in a fixed order."""
     neg_scale = -scale_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    code = tl.program_id(0)
+    code = tl.program_id(0).to(tl.int64)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dims < D
     start, end = tl.load(offset_ptr + code), tl.load(offset_ptr + code + 1)
@@ -257,7 +296,7 @@ def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, be
     k = codebook.shape[0]
     scale_per_grad = 2.0 / max(x.numel(), 1)  # times grad_loss, read by the kernels (no host sync)
     block_n = 64
-    block_d = min(triton.next_power_of_2(max(d, 1)), 128 if x.is_cuda else 256)
+    block_d = min(triton.next_power_of_2(max(d, 1)), 128 if _gpu_launch(x) else 256)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     grad_x = torch.empty_like(x)
     grad_cb = torch.zeros(k, d, device=x.device, dtype=torch.float32)
@@ -266,10 +305,10 @@ def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, be
     _grad_x_kernel[grid](grad_quantized, x, codebook, indices, grad_x, grad_loss, n, beta * scale_per_grad, D=d, BLOCK_N=block_n,
                          BLOCK_D=block_d)
     if torch.are_deterministic_algorithms_enabled():
-        # Sorted segment sums: a stable sort groups each code's rows in row order.
-        order = torch.sort(indices, stable=True).indices
-        offset = torch.zeros(k + 1, device=x.device, dtype=torch.int64)
-        torch.cumsum(torch.bincount(indices, minlength=k), 0, out=offset[1:])
+        # Sorted segment sums: a stable sort groups each code's rows in row order; code c's
+        # rows start where c would be inserted (searchsorted: no host sync, unlike bincount).
+        sorted_indices, order = torch.sort(indices, stable=True)
+        offset = torch.searchsorted(sorted_indices, torch.arange(k + 1, device=x.device, dtype=torch.int64))
         _grad_codebook_sorted_kernel[(k, triton.cdiv(d, block_d))](x, codebook, order, offset, grad_cb, grad_loss,
                                                                     scale_per_grad, D=d,
                                                                     BLOCK_R=block_n, BLOCK_D=block_d)

@@ -113,7 +113,8 @@ class VectorQuantizer(nn.Module):
             # with that same gradient, without another pass over x.
             loss = loss - loss.detach() / (1.0 + self.beta)
         with torch.no_grad():
-            counts = torch.bincount(indices.reshape(-1), minlength=self.num_codes)
+            flat_indices = indices.reshape(-1)  # scatter_add_, not bincount: no host sync on CUDA
+            counts = flat_indices.new_zeros(self.num_codes).scatter_add_(0, flat_indices, torch.ones_like(flat_indices))
             probs = counts.float() / max(indices.numel(), 1)
             self.perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
             if self.training:
