@@ -14,22 +14,29 @@ _vector_quantize_backward = define(
     "Tensor indices, float beta) -> (Tensor, Tensor)",
     lambda grad_quantized, grad_loss, x, codebook, indices, beta: (x.new_empty(x.shape),
                                                                     codebook.new_empty(codebook.shape)))
+_vector_quantize_rotation_backward = define(
+    "vector_quantize_rotation_backward(Tensor grad_quantized, Tensor grad_loss, Tensor x, Tensor codebook, "
+    "Tensor indices, float beta) -> (Tensor, Tensor)",
+    lambda grad_quantized, grad_loss, x, codebook, indices, beta: (x.new_empty(x.shape),
+                                                                    codebook.new_empty(codebook.shape)))
+ESTIMATORS = ("ste", "rotation")
 
 
 class _VectorQuantize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, codebook, beta):
+    def forward(ctx, x, codebook, beta, estimator="ste"):
         quantized, indices, loss = _vector_quantize(x, codebook, beta)
         ctx.save_for_backward(x, codebook, indices)
-        ctx.beta = beta
+        ctx.beta, ctx.estimator = beta, estimator
         ctx.mark_non_differentiable(indices)
         return quantized, indices, loss
 
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices, grad_loss):
         x, codebook, indices = ctx.saved_tensors
-        grad_x, grad_codebook = _vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, ctx.beta)
-        return grad_x, grad_codebook, None
+        backward = _vector_quantize_rotation_backward if ctx.estimator == "rotation" else _vector_quantize_backward
+        grad_x, grad_codebook = backward(grad_quantized, grad_loss, x, codebook, indices, ctx.beta)
+        return grad_x, grad_codebook, None, None
 
 
 def _flatten(x, codebook):
@@ -63,7 +70,7 @@ def nearest_code(x, codebook):
     return indices.reshape(x.shape[:-1]), sq_dist.reshape(x.shape[:-1])
 
 
-def vector_quantize(x, codebook, *, beta=0.25):
+def vector_quantize(x, codebook, *, beta=0.25, estimator="ste"):
     """VQ-VAE quantization: ``(quantized, indices, loss)``.
 
     ``quantized`` equals ``codebook[indices]`` in value and passes its gradient straight
@@ -72,13 +79,23 @@ def vector_quantize(x, codebook, *, beta=0.25):
     (codebook term) and ``x`` (commitment term). ``x``: ``(..., D)``; ``codebook``:
     ``(K, D)``, cast to ``x``'s dtype when it differs (a float32 codebook under autocast);
     ``indices`` has shape ``x.shape[:-1]``.
+
+    ``estimator`` chooses the gradient that ``quantized`` passes to ``x``: ``"ste"`` (the
+    straight-through copy) or ``"rotation"``, the rotation trick (Fifty et al. 2024,
+    vector-quantize-pytorch's default): ``quantized`` is seen as ``x`` rotated onto the code
+    and rescaled, ``|e|/|x| (x - 2 (x.w) w + 2 (x.u) q)`` with ``u = x/|x|``, ``q = e/|e|``,
+    ``w = (u + q)/|u + q|`` held constant, so ``x`` receives ``|e|/|x| (g - 2 w (w.g) + 2 u (q.g))``
+    (``g`` itself where ``x = 0``), computed per row inside the backward kernel. Values are
+    the same for both.
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {estimator!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a number, got {type(beta).__name__}")
     flat, codebook = _flatten(x, codebook)
     beta = float(beta)
     if torch.is_grad_enabled() and (x.requires_grad or codebook.requires_grad):
-        quantized, indices, loss = _VectorQuantize.apply(flat, codebook, beta)
+        quantized, indices, loss = _VectorQuantize.apply(flat, codebook, beta, estimator)
     else:
         quantized, indices, loss = _vector_quantize(flat, codebook, beta)
     return quantized.reshape(x.shape), indices.reshape(x.shape[:-1]), loss
