@@ -6,5 +6,6 @@ from .ops import (categorical_kl, gaussian_kl, gumbel_softmax, kmeans, nearest_c
 
 __version__ = "0.1.0"
 __all__ = ["reparameterize", "gaussian_kl", "reparameterize_kl", "gumbel_softmax", "categorical_kl",
-           "nearest_code", "vector_quantize", "kmeans", "residual_quantize", "available_backends", "use_backend", "set_backend", "get_backend",
+           "nearest_code", "vector_quantize", "kmeans", "residual_quantize", "available_backends", "use_backend",
+           "set_backend", "get_backend",
            "BackendError"]

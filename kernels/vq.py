@@ -346,7 +346,7 @@ def segment_mean(x, indices, num_segments):
 def residual_quantize(x, codebooks, beta):
     """Stage by stage with the search kernels: unlike the native backend, the residual goes
     through memory between stages (a fused multi-stage kernel is future work)."""
-    residual = x.float().contiguous()
+    residual = x.to(torch.float32, copy=True)  # updated in place: never x itself
     quantized = torch.zeros_like(residual)
     indices, losses = [], []
     for codebook in codebooks:
