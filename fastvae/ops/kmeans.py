@@ -16,6 +16,13 @@ _segment_mean = define(
                                       indices.new_empty((num_segments,))))
 
 
+def segment_mean(x, indices, num_segments):
+    """``(means, counts)``: the mean of the rows of ``x`` ``(N, D)`` assigned to each of
+    ``num_segments`` segments by ``indices`` ``(N,)`` (0 for an empty one; float32, or
+    float64 for float64 ``x``) and the int64 counts; summed in a fixed order."""
+    return _segment_mean(x, indices, num_segments)
+
+
 def kmeans(x, num_clusters, *, iters=10, generator=None):
     """Lloyd's k-means of the rows of ``x`` ``(N, D)``: ``(centroids, indices)``.
 
