@@ -54,4 +54,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nearest_code", &fastvae::nearest_code);
   m.def("vector_quantize", &fastvae::vector_quantize);
   m.def("vector_quantize_backward", &fastvae::vector_quantize_backward);
+  m.def("vector_quantize_rotation_backward", &fastvae::vector_quantize_rotation_backward);
+  m.def("residual_quantize", &fastvae::residual_quantize);
+  m.def("residual_quantize_backward", &fastvae::residual_quantize_backward);
+  m.def("segment_mean", &fastvae::segment_mean);
 }

@@ -43,6 +43,19 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& gr
                                                             const at::Tensor& codebook, const at::Tensor& indices,
                                                             double beta);
 
+// csrc/cpu/vq.cpp (residual_quantize), csrc/cpu/vq_grad.cpp, csrc/cpu/kmeans.cpp
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_quantize(const at::Tensor& x, const at::Tensor& codebooks,
+                                                                 double beta);
+std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& grad_quantized,
+                                                              const at::Tensor& grad_losses, const at::Tensor& x,
+                                                              const at::Tensor& codebooks, const at::Tensor& indices,
+                                                              double beta);
+std::tuple<at::Tensor, at::Tensor> vector_quantize_rotation_backward(const at::Tensor& grad_quantized,
+                                                                     const at::Tensor& grad_loss, const at::Tensor& x,
+                                                                     const at::Tensor& codebook,
+                                                                     const at::Tensor& indices, double beta);
+std::tuple<at::Tensor, at::Tensor> segment_mean(const at::Tensor& x, const at::Tensor& indices, int64_t num_segments);
+
 // csrc/cpu/rng.cpp: the raw streams, exposed so tests can check them against the reference.
 at::Tensor philox4x32(const at::Tensor& counters, int64_t seed);
 at::Tensor normal_stream(int64_t seed, int64_t n);

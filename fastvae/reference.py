@@ -329,3 +329,71 @@ def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, be
     zeros = torch.zeros(codebook.shape, dtype=ct, device=codebook.device)
     grad_codebook = zeros.index_add(0, indices, scale * (code - xc.detach()))  # out of place: vmap-able
     return grad_x.to(x.dtype).contiguous(), grad_codebook.to(codebook.dtype)
+
+
+def _rotation_grad(g, x, e):
+    """Rotation-trick gradient |e|/|x| (g - 2 w (w.g) + 2 u (q.g)) per row (Fifty et al. 2024),
+    u = x/|x|, q = e/|e|, w = (u + q)/|u + q|; g itself where |x| = 0, q = 0 where |e| = 0,
+    w = 0 where u = -q."""
+    def unit(v):
+        norm = v.norm(dim=1, keepdim=True)
+        return torch.where(norm > 0, v / torch.where(norm > 0, norm, 1.0), 0.0), norm
+
+    u, x_norm = unit(x)
+    q, e_norm = unit(e)
+    w, _ = unit(u + q)
+    dot = lambda a, b: (a * b).sum(dim=1, keepdim=True)  # noqa: E731
+    rotated = e_norm / torch.where(x_norm > 0, x_norm, 1.0) * (g - 2 * w * dot(w, g) + 2 * u * dot(q, g))
+    return torch.where(x_norm > 0, rotated, g)
+
+
+def vector_quantize_rotation_backward(grad_quantized, grad_loss, x, codebook, indices, beta):
+    """As vector_quantize_backward, with the rotation trick's gradient to x in place of the
+    straight-through copy of ``grad_quantized`` (the codebook's gradient is unchanged)."""
+    ct = compute_dtype(x)
+    grad_x, grad_codebook = vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, beta)
+    g = grad_quantized.to(ct)
+    # u, q, w and the scale are constants of the rotation (the paper's stop-gradients), so the
+    # formula is linear in g under create_graph=True as well.
+    grad_x = grad_x.to(ct) - g + _rotation_grad(g, x.detach().to(ct), codebook.detach().to(ct)[indices])
+    return grad_x.to(x.dtype).contiguous(), grad_codebook
+
+
+def residual_quantize(x, codebooks, beta):
+    """R stages of vector_quantize, stage r on the residual left by the earlier ones:
+    (sum of the codes, indices (N, R), per-stage losses (R,))."""
+    ct = compute_dtype(x)
+    residual = x.to(ct)
+    quantized = torch.zeros_like(residual)
+    indices, losses = [], []
+    for codebook in codebooks:
+        index, sq_dist = nearest_code(residual, codebook.to(ct))
+        code = codebook.to(ct)[index]
+        quantized, residual = quantized + code, residual - code
+        indices.append(index)
+        losses.append((1.0 + beta) * sq_dist.sum() / max(x.numel(), 1))
+    return (quantized.to(x.dtype), torch.stack(indices, dim=1).reshape(x.shape[0], len(codebooks)),
+            torch.stack(losses).to(x.dtype))
+
+
+def residual_quantize_backward(grad_quantized, grad_losses, x, codebooks, indices, beta):
+    """Straight-through to x; stage r's loss reaches x through its residual (commitment) and
+    codebook r through its codes; earlier stages' codes are constants in the residual."""
+    ct = compute_dtype(x)
+    residual = x.to(ct)
+    grad_x = grad_quantized.to(ct).clone()
+    grad_codebooks = torch.zeros(codebooks.shape, dtype=ct, device=codebooks.device)
+    for r in range(codebooks.shape[0]):
+        scale = grad_losses[r].to(ct) * 2.0 / max(x.numel(), 1)
+        residual = residual - codebooks[r].to(ct)[indices[:, r]]  # res_r - e_r
+        grad_x += beta * scale * residual
+        grad_codebooks[r].index_add_(0, indices[:, r], -scale * residual)
+    return grad_x.to(x.dtype).contiguous(), grad_codebooks.to(codebooks.dtype)
+
+
+def segment_mean(x, indices, num_segments):
+    """(mean of the rows of x assigned to each segment (0 when none), counts int64): k-means' update."""
+    ct = compute_dtype(x)
+    counts = torch.bincount(indices, minlength=num_segments)
+    sums = torch.zeros(num_segments, x.shape[1], dtype=ct, device=x.device).index_add_(0, indices, x.to(ct))
+    return sums / counts.clamp_min(1)[:, None].to(ct), counts

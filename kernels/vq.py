@@ -316,3 +316,83 @@ def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, be
         _grad_codebook_atomic_kernel[grid](x, codebook, indices, grad_cb, grad_loss, n, scale_per_grad, D=d, BLOCK_N=block_n,
                                            BLOCK_D=block_d)
     return grad_x, grad_cb.to(codebook.dtype)
+
+
+# ---- rotation-trick estimator, segment means (k-means) and residual VQ (VQ column additions)
+@triton.jit
+def _grad_x_rotation_kernel(grad_q_ptr, x_ptr, cb_ptr, index_ptr, grad_x_ptr, grad_loss_ptr, N, commit_per_grad,
+                            D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_x = |e|/|x| (g - 2 w (w.g) + 2 u (q.g)) + beta * scale * (x - e), whole rows per
+    program (u = x/|x|, q = e/|e|, w = (u + q)/|u + q|); g where |x| = 0."""
+    commit = commit_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (dims < D)[None, :]
+    index = tl.load(index_ptr + rows, mask=rows < N, other=0)
+    offs = rows[:, None] * D + dims[None, :]
+    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    ev = tl.load(cb_ptr + index[:, None] * D + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x_norm = tl.sqrt(tl.sum(xv * xv, axis=1))
+    e_norm = tl.sqrt(tl.sum(ev * ev, axis=1))
+    inv_x = tl.where(x_norm > 0, 1.0 / tl.where(x_norm > 0, x_norm, 1.0), 0.0)
+    inv_e = tl.where(e_norm > 0, 1.0 / tl.where(e_norm > 0, e_norm, 1.0), 0.0)
+    u = xv * inv_x[:, None]
+    q = ev * inv_e[:, None]
+    w = u + q
+    w_norm = tl.sqrt(tl.sum(w * w, axis=1))
+    w = w * tl.where(w_norm > 0, 1.0 / tl.where(w_norm > 0, w_norm, 1.0), 0.0)[:, None]
+    wg = tl.sum(w * g, axis=1)
+    qg = tl.sum(q * g, axis=1)
+    rotated = (e_norm * inv_x)[:, None] * (g - 2.0 * w * wg[:, None] + 2.0 * u * qg[:, None])
+    out = tl.where((x_norm > 0)[:, None], rotated, g) + commit * (xv - ev)
+    tl.store(grad_x_ptr + offs, out.to(grad_x_ptr.dtype.element_ty), mask=mask)
+
+
+def vector_quantize_rotation_backward(grad_quantized, grad_loss, x, codebook, indices, beta):
+    # The codebook term is the straight-through one; its launcher's grad_x is then rewritten
+    # by the rotation kernel (one extra pass over grad_x, kept apart from the STE launcher).
+    grad_x, grad_cb = vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, beta)
+    n, d = x.shape
+    if n == 0:
+        return grad_x, grad_cb
+    block_d = triton.next_power_of_2(max(d, 1))
+    block_n = max(1, min(64, 4096 // block_d))
+    _grad_x_rotation_kernel[(triton.cdiv(n, block_n),)](
+        grad_quantized.contiguous(), x.contiguous(), codebook.contiguous(), indices.contiguous(), grad_x, grad_loss,
+        n, beta * 2.0 / max(x.numel(), 1), D=d, BLOCK_N=block_n, BLOCK_D=block_d)
+    return grad_x, grad_cb
+
+
+def segment_mean(x, indices, num_segments):
+    """Deterministic: rows grouped by a stable sort and summed in row order by the codebook
+    kernel (``-scale * sum(x - 0)`` with scale -1), then divided by the counts."""
+    x, n, d = x.float().contiguous(), x.shape[0], x.shape[1]
+    counts = torch.bincount(indices, minlength=num_segments)
+    sums = torch.zeros(num_segments, d, device=x.device, dtype=torch.float32)
+    if n:
+        order = torch.sort(indices, stable=True).indices
+        offset = torch.zeros(num_segments + 1, device=x.device, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=offset[1:])
+        block_d = min(triton.next_power_of_2(max(d, 1)), 256)
+        zeros = torch.zeros(num_segments, d, device=x.device, dtype=torch.float32)
+        minus_one = torch.full((1,), -1.0, device=x.device)
+        _grad_codebook_sorted_kernel[(num_segments, triton.cdiv(d, block_d))](
+            x, zeros, order, offset, sums, minus_one, 1.0, D=d, BLOCK_R=64, BLOCK_D=block_d)
+    return sums / counts.clamp_min(1)[:, None], counts
+
+
+def residual_quantize(x, codebooks, beta):
+    """Stage by stage with the search kernels: unlike the native backend, the residual goes
+    through memory between stages (a fused multi-stage kernel is future work)."""
+    residual = x.to(torch.float32, copy=True)  # updated in place: never x itself
+    quantized = torch.zeros_like(residual)
+    indices, losses = [], []
+    for codebook in codebooks:
+        index, _, code, loss_parts = _search(residual, codebook.float(), write_quantized=True)
+        quantized += code
+        residual -= code
+        indices.append(index)
+        losses.append(loss_parts.sum())
+    losses = (1.0 + beta) * torch.stack(losses) / max(x.numel(), 1)
+    return quantized.to(x.dtype), torch.stack(indices, dim=1), losses.to(x.dtype)

@@ -5,6 +5,7 @@ One module per op column (``gaussian``, ``gumbel``, ``vq``); every layer is impo
 """
 from .gaussian import GaussianKL, Reparameterize
 from .gumbel import GumbelSoftmax
+from .residual_vq import ResidualVectorQuantizer
 from .vq import VectorQuantizer
 
-__all__ = ["Reparameterize", "GaussianKL", "GumbelSoftmax", "VectorQuantizer"]
+__all__ = ["Reparameterize", "GaussianKL", "GumbelSoftmax", "VectorQuantizer", "ResidualVectorQuantizer"]

@@ -16,18 +16,25 @@ _vector_quantize_backward = define(
     lambda grad_quantized, grad_loss, x, codebook, indices, beta: (x.new_empty(x.shape),
                                                                     codebook.new_empty(codebook.shape)),
     reference.vector_quantize_backward)
+_vector_quantize_rotation_backward = define(
+    "vector_quantize_rotation_backward(Tensor grad_quantized, Tensor grad_loss, Tensor x, Tensor codebook, "
+    "Tensor indices, float beta) -> (Tensor, Tensor)",
+    lambda grad_quantized, grad_loss, x, codebook, indices, beta: (x.new_empty(x.shape),
+                                                                    codebook.new_empty(codebook.shape)),
+    reference.vector_quantize_rotation_backward)
+ESTIMATORS = ("ste", "rotation")
 
 
 # The backward is linear in x and the codebook given the saved indices: its formula
 # (create_graph=True, see define) has second derivatives through the indices of 0.
 class _VectorQuantize(OpFunction):
     @staticmethod
-    def forward(x, codebook, beta):
+    def forward(x, codebook, beta, estimator):
         return _vector_quantize(x, codebook, beta)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        x, codebook, ctx.beta = inputs
+        x, codebook, ctx.beta, ctx.estimator = inputs
         _, indices, _ = outputs
         ctx.save_for_backward(x, codebook, indices)
         ctx.mark_non_differentiable(indices)
@@ -35,8 +42,9 @@ class _VectorQuantize(OpFunction):
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices, grad_loss):
         x, codebook, indices = ctx.saved_tensors
-        grad_x, grad_codebook = _vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, ctx.beta)
-        return grad_x, grad_codebook, None
+        backward = _vector_quantize_rotation_backward if ctx.estimator == "rotation" else _vector_quantize_backward
+        grad_x, grad_codebook = backward(grad_quantized, grad_loss, x, codebook, indices, ctx.beta)
+        return grad_x, grad_codebook, None, None
 
 
 def _flatten(x, codebook):
@@ -72,7 +80,7 @@ def nearest_code(x, codebook):
     return indices.reshape(x.shape[:-1]), sq_dist.reshape(x.shape[:-1])
 
 
-def vector_quantize(x, codebook, *, beta=0.25):
+def vector_quantize(x, codebook, *, beta=0.25, estimator="ste"):
     """VQ-VAE quantization: ``(quantized, indices, loss)``.
 
     ``quantized`` equals ``codebook[indices]`` in value and passes its gradient straight
@@ -81,11 +89,21 @@ def vector_quantize(x, codebook, *, beta=0.25):
     (codebook term) and ``x`` (commitment term). ``x``: ``(..., D)``; ``codebook``:
     ``(K, D)``, cast to ``x``'s dtype when it differs (a float32 codebook under autocast);
     ``indices`` has shape ``x.shape[:-1]``; ``beta``: a finite number >= 0.
+
+    ``estimator`` chooses the gradient that ``quantized`` passes to ``x``: ``"ste"`` (the
+    straight-through copy) or ``"rotation"``, the rotation trick (Fifty et al. 2024,
+    vector-quantize-pytorch's default): ``quantized`` is seen as ``x`` rotated onto the code
+    and rescaled, ``|e|/|x| (x - 2 (x.w) w + 2 (x.u) q)`` with ``u = x/|x|``, ``q = e/|e|``,
+    ``w = (u + q)/|u + q|`` held constant, so ``x`` receives ``|e|/|x| (g - 2 w (w.g) + 2 u (q.g))``
+    (``g`` itself where ``x = 0``), computed per row inside the backward kernel. Values are
+    the same for both.
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {estimator!r}")
     beta = check_real("beta", beta, minimum=0.0)
     flat, codebook = _flatten(x, codebook)
     if needs_autograd(x, codebook):
-        quantized, indices, loss = apply(_VectorQuantize, flat, codebook, beta)
+        quantized, indices, loss = apply(_VectorQuantize, flat, codebook, beta, estimator)
     else:
         quantized, indices, loss = _vector_quantize(flat, codebook, beta)
     return quantized.reshape(x.shape), indices.reshape(x.shape[:-1]), loss

@@ -1,0 +1,153 @@
+// VQ column, C++ CPU backward kernels beyond the straight-through one of vq.cpp: the
+// rotation-trick estimator of vector_quantize, and residual_quantize's backward.
+#include <cmath>
+
+#include "../common.h"
+#include "../ops.h"
+#include "segment.h"
+
+namespace fastvae {
+namespace {
+
+// grad_codebook[c] = -scale * sum over the rows i of code c of (x_i - e_c), in row order.
+at::Tensor codebook_term_grad(const float* xp, const float* ep, const int64_t* idx, int64_t n, int64_t k, int64_t d,
+                              float scale, const at::TensorOptions& options, const char* op) {
+  const Segments segments(idx, n, k, op);
+  at::Tensor grad = at::empty({k, d}, options);
+  float* gc = grad.data_ptr<float>();
+  segment_sums(
+      segments, k, d,
+      [&](int64_t i, float* acc) {
+        const float *xi = xp + i * d, *e = ep + idx[i] * d;
+        for (int64_t j = 0; j < d; ++j) acc[j] += xi[j] - e[j];
+      },
+      [&](int64_t c, const float* acc) {
+        for (int64_t j = 0; j < d; ++j) gc[c * d + j] = -scale * acc[j];
+      });
+  return grad;
+}
+
+float grad_scale(const at::Tensor& grad_loss, int64_t elements) {  // d mse / d (x - e) per unit of grad_loss
+  return static_cast<float>(2.0 * grad_loss.to(at::kDouble).item<double>() /
+                            static_cast<double>(std::max<int64_t>(elements, 1)));
+}
+
+}  // namespace
+
+// Rotation trick (Fifty et al. 2024): with u = x/|x|, q = e/|e|, w = (u + q)/|u + q| (all
+// constants), the output is |e|/|x| (x - 2 (x.w) w + 2 (x.u) q), equal to e in value, so
+// grad_x = |e|/|x| (g - 2 w (w.g) + 2 u (q.g)) + the commitment term. Per row: one pass for
+// the five dot products, one to write. |x| = 0 passes g straight through; |e| = 0 gives
+// q = 0; u = -q gives w = 0.
+std::tuple<at::Tensor, at::Tensor> vector_quantize_rotation_backward(const at::Tensor& grad_quantized,
+                                                                     const at::Tensor& grad_loss, const at::Tensor& x,
+                                                                     const at::Tensor& codebook,
+                                                                     const at::Tensor& indices, double beta) {
+  check_cpu(x, "x");
+  check_cpu(codebook, "codebook");
+  TORCH_CHECK(x.dim() == 2 && codebook.dim() == 2 && x.size(1) == codebook.size(1) && indices.numel() == x.size(0),
+              "vector_quantize_rotation_backward: x must be (N, D), codebook (K, D), indices (N,)");
+  const int64_t n = x.size(0), d = x.size(1), k = codebook.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), gq = grad_quantized.to(at::kFloat).contiguous();
+  const at::Tensor cbf = codebook.to(at::kFloat).contiguous(), idx_t = indices.contiguous();
+  const float scale = grad_scale(grad_loss, n * d), commit = static_cast<float>(beta) * scale;
+  const float *xp = xf.data_ptr<float>(), *gp = gq.data_ptr<float>(), *ep = cbf.data_ptr<float>();
+  const int64_t* idx = idx_t.data_ptr<int64_t>();
+  at::Tensor grad_x = empty_output({n, d}, xf.options());
+  float* gx = grad_x.data_ptr<float>();
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float *xi = xp + i * d, *gi = gp + i * d;
+      const int64_t c = idx[i];
+      TORCH_CHECK(c >= 0 && c < k, "vector_quantize_rotation_backward: index out of range");
+      const float* e = ep + c * d;
+      float xx = 0.f, ee = 0.f, xe = 0.f, xg = 0.f, eg = 0.f;
+      for (int64_t j = 0; j < d; ++j) {
+        xx += xi[j] * xi[j], ee += e[j] * e[j], xe += xi[j] * e[j];
+        xg += xi[j] * gi[j], eg += e[j] * gi[j];
+      }
+      const float x_norm = std::sqrt(xx), e_norm = std::sqrt(ee);
+      float* out = gx + i * d;
+      if (x_norm == 0.f) {
+        for (int64_t j = 0; j < d; ++j) out[j] = gi[j] + commit * (xi[j] - e[j]);
+        continue;
+      }
+      const float inv_x = 1.f / x_norm, inv_e = e_norm > 0.f ? 1.f / e_norm : 0.f;
+      const float uq = xe * inv_x * inv_e, ug = xg * inv_x, qg = eg * inv_e;
+      const float sum_norm = std::sqrt(std::max(0.f, 2.f + 2.f * uq - (e_norm > 0.f ? 0.f : 1.f)));  // |u + q|
+      const float inv_sum = sum_norm > 0.f ? 1.f / sum_norm : 0.f;
+      const float wg = (ug + qg) * inv_sum, s = e_norm * inv_x;
+      // g - 2 w (w.g) + 2 u (q.g), with w = (u + q) / |u + q|, u = x / |x|, q = e / |e|
+      const float coef_u = (-2.f * wg * inv_sum + 2.f * qg) * inv_x, coef_q = -2.f * wg * inv_sum * inv_e;
+      for (int64_t j = 0; j < d; ++j)
+        out[j] = s * (gi[j] + coef_u * xi[j] + coef_q * e[j]) + commit * (xi[j] - e[j]);
+    }
+  });
+  at::Tensor grad_codebook =
+      codebook_term_grad(xp, ep, idx, n, k, d, scale, xf.options(), "vector_quantize_rotation_backward");
+  return {grad_x.to(x.scalar_type()), grad_codebook.to(codebook.scalar_type())};
+}
+
+// Backward of residual_quantize. Stage r's residual is res_r = x - sum_{j<r} e_j (earlier
+// codes constant), its loss mse(e_r, sg(res_r)) + beta mse(res_r, sg(e_r)); quantized passes
+// g straight to x. So grad_x = g + sum_r beta s_r (res_r - e_r) and grad codebook r gets
+// -s_r sum over its rows of (res_r - e_r), s_r = 2 grad_losses[r] / (N D). Residuals are
+// rebuilt from x and the indices (never stored: memory stays O(N R + R K D)).
+std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& grad_quantized,
+                                                              const at::Tensor& grad_losses, const at::Tensor& x,
+                                                              const at::Tensor& codebooks, const at::Tensor& indices,
+                                                              double beta) {
+  check_cpu(x, "x");
+  check_cpu(codebooks, "codebooks");
+  TORCH_CHECK(x.dim() == 2 && codebooks.dim() == 3 && x.size(1) == codebooks.size(2) && indices.dim() == 2 &&
+                  indices.size(0) == x.size(0) && indices.size(1) == codebooks.size(0),
+              "residual_quantize_backward: x must be (N, D), codebooks (R, K, D), indices (N, R)");
+  const int64_t n = x.size(0), d = x.size(1), stages = codebooks.size(0), k = codebooks.size(1);
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), gq = grad_quantized.to(at::kFloat).contiguous();
+  const at::Tensor cbf = codebooks.to(at::kFloat).contiguous(), idx_t = indices.contiguous();
+  const at::Tensor gl = grad_losses.to(at::kDouble).contiguous();
+  std::vector<float> scale(stages);
+  for (int64_t r = 0; r < stages; ++r)
+    scale[r] = static_cast<float>(2.0 * gl.data_ptr<double>()[r] / static_cast<double>(std::max<int64_t>(n * d, 1)));
+  const float *xp = xf.data_ptr<float>(), *gp = gq.data_ptr<float>(), *ep = cbf.data_ptr<float>();
+  const int64_t* idx = idx_t.data_ptr<int64_t>();
+  auto code = [&](int64_t i, int64_t r) { return ep + (r * k + idx[i * stages + r]) * d; };
+  at::Tensor grad_x = empty_output({n, d}, xf.options());
+  float* gx = grad_x.data_ptr<float>();
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> res(d);
+    for (int64_t i = begin; i < end; ++i) {
+      std::copy(xp + i * d, xp + (i + 1) * d, res.begin());
+      float* out = gx + i * d;
+      std::copy(gp + i * d, gp + (i + 1) * d, out);
+      for (int64_t r = 0; r < stages; ++r) {
+        const int64_t c = idx[i * stages + r];
+        TORCH_CHECK(c >= 0 && c < k, "residual_quantize_backward: index out of range");
+        const float* e = code(i, r);
+        const float commit = static_cast<float>(beta) * scale[r];
+        for (int64_t j = 0; j < d; ++j) res[j] -= e[j], out[j] += commit * res[j];
+      }
+    }
+  });
+  at::Tensor grad_codebooks = at::empty({stages, k, d}, xf.options());
+  for (int64_t r = 0; r < stages; ++r) {
+    const Segments segments(idx + r, n, k, "residual_quantize_backward", stages);
+    float* gc = grad_codebooks.data_ptr<float>() + r * k * d;
+    segment_sums(
+        segments, k, d,
+        [&](int64_t i, float* acc) {  // acc += res_{r+1} = x_i - sum_{j <= r} e_j
+          const float* xi = xp + i * d;
+          for (int64_t j = 0; j < d; ++j) acc[j] += xi[j];
+          for (int64_t s = 0; s <= r; ++s) {
+            const float* e = code(i, s);
+            for (int64_t j = 0; j < d; ++j) acc[j] -= e[j];
+          }
+        },
+        [&](int64_t c, const float* acc) {
+          for (int64_t j = 0; j < d; ++j) gc[c * d + j] = -scale[r] * acc[j];
+        });
+  }
+  return {grad_x.to(x.scalar_type()), grad_codebooks.to(codebooks.scalar_type())};
+}
+
+}  // namespace fastvae

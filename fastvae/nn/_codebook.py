@@ -1,0 +1,44 @@
+"""What the VQ layers share: option checks and codebook initialisations."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.vq import ESTIMATORS
+
+CODEBOOK_INITS = ("uniform", "normal", "kaiming")
+
+
+def check_tokenizer_options(*, kmeans_iters, codebook_dim, estimator, ema_debias, ema_decay, codebook_init, sync):
+    if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 1:
+        raise ValueError(f"kmeans_iters must be a positive int, got {kmeans_iters!r}")
+    if codebook_dim is not None and (isinstance(codebook_dim, bool) or not isinstance(codebook_dim, int)
+                                     or codebook_dim < 1):
+        raise ValueError(f"codebook_dim must be None or a positive int, got {codebook_dim!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {estimator!r}")
+    if ema_debias and ema_decay is None:
+        raise ValueError("ema_debias=True needs an EMA codebook: pass ema_decay too")
+    if codebook_init not in CODEBOOK_INITS:
+        raise ValueError(f"codebook_init must be one of {', '.join(map(repr, CODEBOOK_INITS))}, got {codebook_init!r}")
+    if sync:
+        raise NotImplementedError("sync=True (distributed codebook statistics) is not implemented yet; "
+                                  "pass sync=None or False")
+
+
+@torch.no_grad()
+def init_codebook_(codebook, kind, cosine):
+    """Fill ``codebook`` (K, D) in place by ``kind``; returns the EMA count each code starts
+    with (one pseudo-assignment, or none for ``"normal"``)."""
+    num_codes, dim = codebook.shape
+    if kind == "uniform":  # the original VQ-VAE, taming, diffusers
+        nn.init.uniform_(codebook, -1.0 / num_codes, 1.0 / num_codes)
+    elif kind == "normal":
+        nn.init.normal_(codebook)
+    else:  # vector-quantize-pytorch: kaiming_uniform_ of its (1, K, D) tensor, fan_in = K * D
+        bound = math.sqrt(6.0 / (num_codes * dim))
+        nn.init.uniform_(codebook, -bound, bound)
+    if cosine:
+        codebook.copy_(F.normalize(codebook, dim=-1))
+    return 0.0 if kind == "normal" else 1.0
