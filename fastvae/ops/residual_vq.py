@@ -1,7 +1,8 @@
 """VQ column: residual_quantize (residual VQ of SoundStream / EnCodec), R stages in one op."""
 import torch
 
-from ._common import check_float, define
+from .. import reference
+from ._common import OpFunction, apply, check_float, check_real, define, needs_autograd
 
 _residual_quantize = define(
     "residual_quantize(Tensor x, Tensor codebooks, float beta) -> (Tensor, Tensor, Tensor)",
@@ -11,17 +12,21 @@ _residual_quantize_backward = define(
     "residual_quantize_backward(Tensor grad_quantized, Tensor grad_losses, Tensor x, Tensor codebooks, "
     "Tensor indices, float beta) -> (Tensor, Tensor)",
     lambda grad_quantized, grad_losses, x, codebooks, indices, beta: (x.new_empty(x.shape),
-                                                                       codebooks.new_empty(codebooks.shape)))
+                                                                       codebooks.new_empty(codebooks.shape)),
+    reference.residual_quantize_backward)
 
 
-class _ResidualQuantize(torch.autograd.Function):
+# As vector_quantize's: the backward is linear in x and the codebooks given the saved indices.
+class _ResidualQuantize(OpFunction):
     @staticmethod
-    def forward(ctx, x, codebooks, beta):
-        quantized, indices, losses = _residual_quantize(x, codebooks, beta)
-        ctx.save_for_backward(x, codebooks, indices)
-        ctx.beta = beta
-        ctx.mark_non_differentiable(indices)
-        return quantized, indices, losses
+    def forward(x, codebooks, beta):
+        return _residual_quantize(x, codebooks, beta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        x, codebooks, ctx.beta = inputs
+        ctx.save_for_backward(x, codebooks, outputs[1])
+        ctx.mark_non_differentiable(outputs[1])
 
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices, grad_losses):
@@ -46,8 +51,7 @@ def residual_quantize(x, codebooks, *, beta=0.25):
     """
     check_float("x", x)
     check_float("codebooks", codebooks)
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    beta = check_real("beta", beta, minimum=0.0)
     if codebooks.device != x.device:
         raise ValueError(f"codebooks is on {codebooks.device} but x is on {x.device}")
     if codebooks.dim() != 3 or codebooks.shape[0] == 0 or codebooks.shape[1] == 0:
@@ -56,9 +60,8 @@ def residual_quantize(x, codebooks, *, beta=0.25):
         raise ValueError(f"x's last dimension ({x.shape[-1] if x.dim() else 'none'}) must equal the codebooks' "
                          f"dim ({codebooks.shape[2]})")
     flat, codebooks = x.reshape(-1, x.shape[-1]), codebooks.to(x.dtype)
-    beta = float(beta)
-    if torch.is_grad_enabled() and (x.requires_grad or codebooks.requires_grad):
-        quantized, indices, losses = _ResidualQuantize.apply(flat, codebooks, beta)
+    if needs_autograd(x, codebooks):
+        quantized, indices, losses = apply(_ResidualQuantize, flat, codebooks, beta)
     else:
         quantized, indices, losses = _residual_quantize(flat, codebooks, beta)
     return quantized.reshape(x.shape), indices.reshape(x.shape[:-1] + (codebooks.shape[0],)), losses
