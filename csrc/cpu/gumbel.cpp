@@ -14,7 +14,8 @@
 // sweep over that cached row rescales. Centring z before scaling by 1 / tau (clamped to
 // [FLT_MIN, FLT_MAX]) keeps every tau > 0 finite. A row holding a NaN or +inf logit (some
 // z not below +inf: one compare per vector, folded into the sweep) is written all NaN,
-// as torch.softmax gives; the max and the argmax are not trusted with NaN. Backward runs the same sweeps, also accumulating sum(grad * e).
+// as torch.softmax gives; the max and the argmax are not trusted with NaN. Backward runs
+// the same sweeps, also accumulating sum(grad * e).
 // Backward from the sample (the soft sample y is the saved output) needs no noise and no
 // exp: the same loop shapes read y and grad once into the row cache, one sweep takes
 // sum(grad * y), a second writes y * (grad - sum) / tau.
@@ -219,9 +220,7 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
     const uint64_t row = static_cast<uint64_t>(std::min(first + lane, p.rows - 1));
     row_lo[lane] = static_cast<uint32_t>(row), row_hi[lane] = static_cast<uint32_t>(row >> 32);
   }
-  // z = logits + noise of the 16 columns of chunk j, one vector (eight rows) per column;
-  // `finite` keeps the lanes whose z are all below +inf.
-  VecI finite = ~VecI{};
+  // z = logits + noise of the 16 columns of chunk j, one vector (eight rows) per column.
   auto perturbed_chunk = [&](int64_t j, VecF z[kTileChunk]) {
     for (int quad = 0; quad < kTileChunk / 4; ++quad) {
       VecU bits[4];
@@ -229,10 +228,10 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
       for (int k = 0; k < 4; ++k) {
         const int64_t c = kTileChunk * j + 4 * quad + k;
         z[4 * quad + k] = vec8::load(tile + c * kLanes) + vec8::gumbel_from_bits(bits[k]);
-        finite &= z[4 * quad + k] < kInf;
       }
     }
   };
+  VecI finite = ~VecI{};  // the lanes whose z are all below +inf
   if (mode == Mode::kHard) {
     VecF best = vec8::splat(-kInf);
     VecI best_col = VecI{} - 1;
@@ -240,6 +239,7 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
       VecF z[kTileChunk];
       perturbed_chunk(j, z);
       for (int k = 0; k < kTileChunk; ++k) {
+        finite &= z[k] < kInf;
         const VecI better = z[k] > best;  // strict: ties keep the lowest column
         best = vec8::select(better, z[k], best);
         best_col = vec8::select(better, VecI{} + static_cast<int32_t>(kTileChunk * j + k), best_col);
@@ -265,7 +265,10 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
     VecF z[kTileChunk];
     perturbed_chunk(j, z);
     VecF top = running_max;
-    for (int k = 0; k < kTileChunk; ++k) top = vec8::max(top, z[k]);
+    for (int k = 0; k < kTileChunk; ++k) {
+      top = vec8::max(top, z[k]);
+      finite &= z[k] < kInf;
+    }
     const VecF rescale = vecmath::exp_nonpositive((running_max - top) * p.inv_tau);
     sum *= rescale;
     grad_dot *= rescale;
