@@ -359,7 +359,8 @@ at::Tensor gumbel(const at::Tensor& x_in, const at::Tensor* grad_y, uint64_t see
   if (x_in.numel() == 0) return out;
   at::Tensor x = x_in, grad = grad_y ? *grad_y : at::Tensor();
   // 1 / tau within [FLT_MIN, FLT_MAX]: every tau > 0 computes (reference.inverse_tau).
-  const float inv_tau = static_cast<float>(std::clamp(1.0 / tau, static_cast<double>(FLT_MIN), static_cast<double>(FLT_MAX)));
+  const float inv_tau =
+      static_cast<float>(std::clamp(1.0 / tau, static_cast<double>(FLT_MIN), static_cast<double>(FLT_MAX)));
   GumbelProblem p{seed, inv_tau, 0, x_in.size(dim),
                   row_layout(x, dim), grad_y ? row_layout(grad, dim) : RowLayout{}, row_layout(out, dim)};
   p.rows = x_in.numel() / p.classes;
