@@ -100,7 +100,9 @@ def gumbel_stream(seed, rows, cols, device, dtype=torch.float32):
 def _reduce(value, reduction, batch):
     if reduction == "none":
         return value
-    total = value.sum()
+    # Accumulated in float64, so the float32 result does not depend on how the sum is split
+    # across threads.
+    total = value.sum(dtype=torch.float64)
     if reduction == "sum":
         return total
     if reduction == "mean":
@@ -189,22 +191,37 @@ def _rows(t, dim):
     return moved.reshape(-1, shape[-1]), lambda y: y.reshape(shape).movedim(-1, dim).contiguous()
 
 
+def inverse_tau(tau, dtype):
+    """``1 / tau`` clamped to ``dtype``'s normal range, so every ``tau > 0`` computes: below
+    ``1 / max`` the sample is the one-hot of the argmax, above ``1 / tiny`` it is uniform
+    over the unmasked classes (``-inf * tiny`` stays ``-inf``)."""
+    finfo = torch.finfo(dtype)
+    return min(max(1.0 / tau, finfo.tiny), finfo.max)
+
+
 def _gumbel_soft(logits2d, seed, tau):
+    """(soft sample, perturbed logits ``z = logits + g``) of (rows, K) logits.
+
+    ``softmax(z / tau)`` is computed as ``softmax((z - max z) * inverse_tau)``: ``z - max z``
+    is at most 0, so no ``tau`` overflows it. A row holding a NaN or ``+inf`` logit gives
+    NaN (as :func:`torch.softmax`); an all ``-inf`` row has nothing to sample and gives zeros.
+    """
     ct = compute_dtype(logits2d)
-    noise = gumbel_stream(seed, logits2d.shape[0], logits2d.shape[1], logits2d.device, ct)
-    perturbed = (logits2d.to(ct) + noise) / tau
-    y = torch.softmax(perturbed, dim=-1)
-    # An all -inf row has nothing to sample: it gives zeros, not NaN.
-    return torch.nan_to_num(y, nan=0.0), perturbed
+    perturbed = logits2d.to(ct) + gumbel_stream(seed, logits2d.shape[0], logits2d.shape[1], logits2d.device, ct)
+    top = perturbed.amax(dim=-1, keepdim=True)  # NaN when the row holds one
+    y = torch.softmax((perturbed - top) * inverse_tau(tau, ct), dim=-1)
+    return torch.where(top == -math.inf, 0.0, y), perturbed
 
 
 def gumbel_softmax(logits, seed, tau, hard, dim):
     logits2d, restore = _rows(logits, dim)
     y, perturbed = _gumbel_soft(logits2d, seed, tau)
     if hard:
-        index = perturbed.argmax(dim=-1, keepdim=True)
-        valid = (y.sum(dim=-1, keepdim=True) > 0).to(y.dtype)
-        y = torch.zeros_like(y).scatter_(-1, index, valid)
+        # The argmax of logits + g (tau > 0 does not change it), ties to the lowest index;
+        # the row's soft sum is 1, or 0 (all -inf: zeros), or NaN (NaN or +inf: NaN).
+        one_hot = torch.zeros_like(y).scatter_(-1, perturbed.argmax(dim=-1, keepdim=True), 1.0)
+        soft_sum = y.sum(dim=-1, keepdim=True)
+        y = torch.where(soft_sum > 0, one_hot, soft_sum)
     return restore(y.to(logits.dtype))
 
 
@@ -214,7 +231,7 @@ def gumbel_softmax_backward(grad_y, logits, seed, tau, dim):
     g2d, _ = _rows(grad_y, dim)
     y, _ = _gumbel_soft(logits2d, seed, tau)
     g = g2d.to(y.dtype)
-    grad = y * (g - (g * y).sum(dim=-1, keepdim=True)) / tau
+    grad = y * (g - (g * y).sum(dim=-1, keepdim=True)) * inverse_tau(tau, y.dtype)
     return restore(grad.to(logits.dtype))
 
 
@@ -225,23 +242,39 @@ def gumbel_softmax_backward_from_sample(grad_y, y, tau, dim):
     g2d, _ = _rows(grad_y, dim)
     ct = compute_dtype(y)
     y2d, g = y2d.to(ct), g2d.to(ct)
-    grad = y2d * (g - (g * y2d).sum(dim=-1, keepdim=True)) / tau
+    grad = y2d * (g - (g * y2d).sum(dim=-1, keepdim=True)) * inverse_tau(tau, ct)
     return restore(grad.to(y.dtype))
 
 
+def _has_nan_or_posinf(rows2d):
+    return (~(rows2d < math.inf)).any(dim=-1)
+
+
+def _log_softmax_or_masked(rows2d):
+    """log_softmax of each row, -inf for an all -inf row (which log_softmax makes NaN)."""
+    log_p = torch.log_softmax(rows2d, dim=-1)
+    return torch.where(rows2d.amax(dim=-1, keepdim=True) == -math.inf, -math.inf, log_p)
+
+
 def _categorical_terms(logits2d, prior2d):
+    """(p, log q, KL per row). Masked (-inf) logits have p = 0 and contribute 0, whatever q
+    is; mass where the prior has none (q = 0, including an all -inf prior row) gives +inf;
+    an all -inf row of logits is no distribution (p = 0, KL 0, gradient 0); a row whose
+    logits or prior hold a NaN or +inf gives NaN."""
     ct = compute_dtype(logits2d)
-    log_p = torch.log_softmax(logits2d.to(ct), dim=-1)
-    p = log_p.exp().nan_to_num(0.0)  # an all -inf row is no distribution: p = 0, KL = 0, gradient 0
+    log_p = _log_softmax_or_masked(logits2d.to(ct))
+    p = log_p.exp()
+    invalid = _has_nan_or_posinf(logits2d)
     if prior2d is None:
         log_q = torch.full_like(log_p, -math.log(logits2d.shape[-1]))
     else:
-        log_q = torch.log_softmax(prior2d.to(ct), dim=-1)
+        log_q = _log_softmax_or_masked(prior2d.to(ct))
+        invalid |= _has_nan_or_posinf(prior2d)
     # Classes with p = 0 (masked logits) contribute 0, whatever q is. The inner where keeps
     # their -inf log p out of the product, whose derivative (a double backward) would be NaN.
     log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
     pointwise = torch.where(p > 0, p * log_ratio, torch.zeros_like(p))
-    return p, log_q, pointwise.sum(dim=-1)
+    return p, log_q, torch.where(invalid, math.nan, pointwise.sum(dim=-1))
 
 
 def categorical_kl(logits, prior_logits, dim, reduction):
@@ -276,19 +309,29 @@ def categorical_kl_backward(grad, logits, prior_logits, dim, reduction):
 _REFERENCE_ROW_BLOCK = 4096
 
 
+def _argmin_nan_first(sq_dist):
+    """Index of the first NaN of each row, else of its first minimum (torch.argmin's rule,
+    spelled out: squared distances are >= 0, so -1 ranks a NaN below all of them)."""
+    return torch.where(sq_dist.isnan(), -1.0, sq_dist).argmin(dim=1)
+
+
 def nearest_code(x, codebook):
     """Exhaustive argmin of squared L2 distance, in row blocks so memory stays bounded.
 
     Codes are ranked by ``||e||^2 - 2 x.e`` (``||x||^2`` is constant per row). That
     expansion's rounding error is at most ``B = (D + 4) u (max ||e||^2 + 2 ||x|| max ||e||)``
     (``u`` the unit roundoff), which with large norms exceeds the gaps between distances;
-    rows whose runner-up is within ``2B`` of the best are re-ranked by the exact
-    ``(x - e)^2``. Ties go to the lowest index.
+    rows whose runner-up is not surely more than ``2B`` above the best (near-ties, and any
+    row where the expansion or ``B`` is inf or NaN: an overflow at ``|x| ~ 1e19`` in
+    float32, a NaN or inf in ``x`` or the codebook) are re-ranked by the exact
+    ``(x - e)^2``. Ties go to the lowest index, all-inf rows included; a NaN distance ranks
+    first (NaN in, NaN out: a NaN row of ``x`` takes code 0, a NaN code is the nearest code
+    of every row, and ``sq_dist`` is NaN), as :func:`torch.argmin` of the distance matrix.
     """
     ct = compute_dtype(x)
     xc, cb = x.to(ct), codebook.to(ct)
     cb_sq = (cb * cb).sum(dim=1)
-    max_norm = cb_sq.max().sqrt() if cb.shape[0] else cb_sq.new_zeros(())
+    max_norm = cb_sq.max().sqrt() if cb.shape[0] else cb_sq.new_zeros(())  # NaN when a code holds one
     rounding = (x.shape[1] + 4) * torch.finfo(ct).eps / 2
     indices = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     for start in range(0, x.shape[0], _REFERENCE_ROW_BLOCK):
@@ -298,11 +341,11 @@ def nearest_code(x, codebook):
         if cb.shape[0] > 1:
             two = ranking.topk(2, dim=1, largest=False).values
             bound = rounding * (max_norm**2 + 2.0 * block.norm(dim=1) * max_norm)
-            ambiguous = ((two[:, 1] - two[:, 0]) <= 2.0 * bound).nonzero().squeeze(1)
+            ambiguous = (~(two[:, 1] - two[:, 0] > 2.0 * bound)).nonzero().squeeze(1)
             # Exact distances of the ambiguous rows, a few rows at a time (rows x K x D).
             step = max(1, 2**24 // max(cb.numel(), 1))
             for rows in ambiguous.split(step):
-                best[rows] = ((block[rows, None, :] - cb[None]) ** 2).sum(dim=2).argmin(dim=1)
+                best[rows] = _argmin_nan_first(((block[rows, None, :] - cb[None]) ** 2).sum(dim=2))
         indices[start:start + block.shape[0]] = best
     sq_dist = ((xc - cb[indices]) ** 2).sum(dim=1)
     return indices, sq_dist.to(x.dtype).contiguous()

@@ -12,6 +12,12 @@ max and sum) and a second sweep that regenerates the noise rather than storing i
 Backward from the sample (the soft sample y is the saved output) is a softmax backward
 over y and the output gradient, no noise and no exp: one read when the row fits a tile,
 else a sweep for sum(grad * y) and a second one writing y * (grad - sum) / tau.
+
+Non-finite values are handled explicitly, never through max/min (a GPU's max.f32 drops a
+NaN that the interpreter propagates): a row of logits (or of the prior) holding a NaN or
++inf is written all NaN (KL: NaN), as torch.softmax gives. ``z = logits + g`` is centred
+on the row max before it is scaled by ``1 / tau`` (clamped to float32's normal range), so
+every ``tau > 0`` computes.
 """
 import math
 
@@ -19,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import inverse_tau
 from ._rng import gumbel4
 
 # Globals a kernel reads must be constexpr (compiled Triton refuses plain Python globals).
@@ -43,9 +50,15 @@ def _inverse_or_zero(s):
 
 
 @triton.jit
-def _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
+def _nan_or_posinf(v):
+    """Per row of a tile: whether a value is NaN or +inf."""
+    return tl.max(((v != v) | (v == float("inf"))).to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K,
                     BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """((logits + g) * inv_tau, columns, mask) of the tile of columns col0 .. col0 + 4 * BLOCK_Q."""
+    """(logits + g, columns, mask) of the tile of columns col0 .. col0 + 4 * BLOCK_Q."""
     quads = col0 // 4 + tl.arange(0, BLOCK_Q)
     g0, g1, g2, g3 = gumbel4(seed, rows[:, None], quads[None, :])
     # join(join(g0, g2), join(g1, g3)) puts lane k of quad q at position 4q + k.
@@ -53,7 +66,7 @@ def _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
     cols = col0 + tl.arange(0, 4 * BLOCK_Q)
     mask = row_mask[:, None] & (cols[None, :] < K)
     x = tl.load(x_ptr + x_rows[:, None] + cols[None, :].to(tl.int64) * x_cs, mask=mask, other=float("-inf"))
-    return (x.to(tl.float32) + noise) * inv_tau, cols, mask
+    return x.to(tl.float32) + noise, cols, mask
 
 
 @triton.jit
@@ -100,26 +113,28 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
                 tl.store(out_ptr + out_rows[:, None] + cols[None, :].to(tl.int64) * inner,
                          (y * (g - dot[:, None]) * inv_tau).to(out_ptr.dtype.element_ty), mask=mask)
     elif SINGLE_TILE:
-        z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, 0, K, inv_tau, BLOCK_R, BLOCK_Q)
+        z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, 0, K, BLOCK_R, BLOCK_Q)
         if MODE == _HARD:
             hit = cols[None, :] == tl.argmax(z, axis=1, tie_break_left=True)[:, None]
             y = (hit & (tl.max(z, axis=1) > float("-inf"))[:, None]).to(tl.float32)
         else:
             m = tl.maximum(tl.max(z, axis=1), _MIN_FLOAT)
-            e = tl.exp(z - m[:, None])
+            e = tl.exp((z - m[:, None]) * inv_tau)
             s = tl.sum(e, axis=1)
             y = e * _inverse_or_zero(s)[:, None]  # an all -inf row gives zeros
             if MODE == _BACKWARD:
                 g = _grad_tile(grad_ptr, g_rows, g_cs, cols, mask)
                 y = y * (g - tl.sum(g * y, axis=1)[:, None]) * inv_tau
+        y = tl.where(_nan_or_posinf(z)[:, None], float("nan"), y)
         tl.store(out_ptr + out_rows[:, None] + cols[None, :].to(tl.int64) * inner,
                  y.to(out_ptr.dtype.element_ty), mask=mask)
     elif MODE == _HARD:
         best = tl.full((BLOCK_R,), float("-inf"), tl.float32)
         best_col = tl.zeros((BLOCK_R,), tl.int32)
+        nan_row = tl.zeros((BLOCK_R,), tl.int1)
         for col0 in range(0, K, 4 * BLOCK_Q):
-            z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
-                                            BLOCK_R, BLOCK_Q)
+            z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, BLOCK_R, BLOCK_Q)
+            nan_row = nan_row | _nan_or_posinf(z)
             tile_best = tl.max(z, axis=1)
             better = tile_best > best  # strict: ties keep the earlier tile's (lower) column
             best_col = tl.where(better, tl.argmax(z, axis=1, tie_break_left=True) + col0, best_col)
@@ -127,19 +142,21 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
         for col0 in range(0, K, 4 * BLOCK_Q):
             cols = col0 + tl.arange(0, 4 * BLOCK_Q)
             mask = row_mask[:, None] & (cols[None, :] < K)
-            y = (cols[None, :] == best_col[:, None]) & (best > float("-inf"))[:, None]
+            y = ((cols[None, :] == best_col[:, None]) & (best > float("-inf"))[:, None]).to(tl.float32)
+            y = tl.where(nan_row[:, None], float("nan"), y)
             tl.store(out_ptr + out_rows[:, None] + cols[None, :].to(tl.int64) * inner,
                      y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         m = tl.full((BLOCK_R,), _MIN_FLOAT, tl.float32)
         s = tl.zeros((BLOCK_R,), tl.float32)
-        t = tl.zeros((BLOCK_R,), tl.float32)  # sum of grad * exp(z - m), for backward
+        t = tl.zeros((BLOCK_R,), tl.float32)  # sum of grad * exp((z - m) / tau), for backward
+        nan_row = tl.zeros((BLOCK_R,), tl.int1)
         for col0 in range(0, K, 4 * BLOCK_Q):
-            z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
-                                            BLOCK_R, BLOCK_Q)
+            z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, BLOCK_R, BLOCK_Q)
+            nan_row = nan_row | _nan_or_posinf(z)
             m_new = tl.maximum(m, tl.max(z, axis=1))
-            rescale = tl.exp(m - m_new)
-            e = tl.exp(z - m_new[:, None])
+            rescale = tl.exp((m - m_new) * inv_tau)
+            e = tl.exp((z - m_new[:, None]) * inv_tau)
             s = s * rescale + tl.sum(e, axis=1)
             if MODE == _BACKWARD:
                 t = t * rescale + tl.sum(_grad_tile(grad_ptr, g_rows, g_cs, cols, mask) * e, axis=1)
@@ -147,11 +164,11 @@ def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os,
         inv_s = _inverse_or_zero(s)
         dot = t * inv_s
         for col0 in range(0, K, 4 * BLOCK_Q):
-            z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, inv_tau,
-                                            BLOCK_R, BLOCK_Q)
-            y = tl.exp(z - m[:, None]) * inv_s[:, None]
+            z, cols, mask = _perturbed_tile(x_ptr, x_rows, x_cs, seed, rows, row_mask, col0, K, BLOCK_R, BLOCK_Q)
+            y = tl.exp((z - m[:, None]) * inv_tau) * inv_s[:, None]
             if MODE == _BACKWARD:
                 y = y * (_grad_tile(grad_ptr, g_rows, g_cs, cols, mask) - dot[:, None]) * inv_tau
+            y = tl.where(nan_row[:, None], float("nan"), y)
             tl.store(out_ptr + out_rows[:, None] + cols[None, :].to(tl.int64) * inner,
                      y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -170,8 +187,10 @@ def _kl_kernel(x_ptr, q_ptr, kl_ptr, row_grad_ptr, gx_ptr, gq_ptr, n_rows, K, in
     m_q = tl.full((BLOCK_R,), _MIN_FLOAT, tl.float32)
     s_x = tl.zeros((BLOCK_R,), tl.float32)
     s_q = tl.zeros((BLOCK_R,), tl.float32)
+    nan_row = tl.zeros((BLOCK_R,), tl.int1)  # a NaN or +inf in the logits or the prior
     for col0 in range(0, K, BLOCK_K):
         x, q, mask = _kl_tile(x_ptr, q_ptr, x_rows, q_rows, x_cs, q_cs, row_mask, col0, K, HAS_PRIOR, BLOCK_K)
+        nan_row = nan_row | _nan_or_posinf(x) | _nan_or_posinf(q)
         m_new = tl.maximum(m_x, tl.max(x, axis=1))
         s_x = s_x * tl.exp(m_x - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
         m_x = m_new
@@ -188,6 +207,7 @@ def _kl_kernel(x_ptr, q_ptr, kl_ptr, row_grad_ptr, gx_ptr, gq_ptr, n_rows, K, in
     log_s_x = tl.log(tl.where(has_mass, s_x, 1.0))
     log_s_q = tl.log(tl.where(s_q > 0, s_q, 1.0))  # s_q = 0 only in rows past the end
     kl = tl.where(has_mass, weighted / tl.where(has_mass, s_x, 1.0) - log_s_x + log_s_q, 0.0)
+    kl = tl.where(nan_row, float("nan"), kl)
     if not BACKWARD:
         tl.store(kl_ptr + rows, kl, mask=row_mask)
     else:
@@ -200,11 +220,13 @@ def _kl_kernel(x_ptr, q_ptr, kl_ptr, row_grad_ptr, gx_ptr, gq_ptr, n_rows, K, in
             p = tl.where(has_mass[:, None], tl.exp(x - log_norm_x[:, None]), 0.0)
             log_ratio = _where_mass(p, x - log_norm_x[:, None], q - log_norm_q[:, None])
             gx = tl.where(p > 0, g[:, None] * p * (log_ratio - kl[:, None]), 0.0)
+            gx = tl.where(nan_row[:, None], float("nan"), gx)
             offsets = out_rows[:, None] + (col0 + tl.arange(0, BLOCK_K))[None, :].to(tl.int64) * inner
             tl.store(gx_ptr + offsets, gx.to(gx_ptr.dtype.element_ty), mask=mask)
             if HAS_PRIOR:
                 # d/dq of -sum p log q is q sum(p) - p; sum(p) is 0 for a row with no mass
                 gq = g[:, None] * (tl.where(has_mass[:, None], tl.exp(q - log_norm_q[:, None]), 0.0) - p)
+                gq = tl.where(nan_row[:, None], float("nan"), gq)
                 tl.store(gq_ptr + offsets, gq.to(gq_ptr.dtype.element_ty), mask=mask)
 
 
@@ -276,8 +298,9 @@ def _gumbel(mode, x, grad_y, seed, tau, dim):
     g, g_os, g_is, g_cs = _layout(grad_y, dim) if grad_y is not None else (x, 0, 0, 0)
     block_r, block_q = _blocks(rows, K, inner)
     _gumbel_kernel[(triton.cdiv(rows, block_r),)](
-        x, g, out, seed, rows, K, inner, K * inner, x_os, x_is, x_cs, g_os, g_is, g_cs, 1.0 / tau, MODE=mode,
-        BLOCK_R=block_r, BLOCK_Q=block_q, SINGLE_TILE=4 * block_q >= K, num_warps=8 if block_r * block_q >= 1024 else 4)
+        x, g, out, seed, rows, K, inner, K * inner, x_os, x_is, x_cs, g_os, g_is, g_cs,
+        inverse_tau(tau, torch.float32), MODE=mode, BLOCK_R=block_r, BLOCK_Q=block_q, SINGLE_TILE=4 * block_q >= K,
+        num_warps=8 if block_r * block_q >= 1024 else 4)
     return out
 
 
@@ -325,7 +348,7 @@ def categorical_kl(logits, prior_logits, dim, reduction):
     kl = _categorical_kl_rows(logits, prior_logits, dim)
     if reduction == "none":
         return kl.reshape(logits.shape[:dim] + logits.shape[dim + 1:]).to(logits.dtype)
-    total = kl.sum()
+    total = kl.sum(dtype=torch.float64)  # the same bits whatever the reduction's split
     if reduction == "mean":
         total = total / max(kl.numel(), 1)
     elif reduction == "batchmean":

@@ -12,6 +12,10 @@ and makes the answer exact. The expansion's rounding error is at most
 ``2B`` above the best, the best is the exact argmin, otherwise (near-ties, large norms)
 the row block is searched again with the exact float32 ``(x - e)^2``. It then gathers the
 winning code (``quantized`` is a copy of codebook rows) and its exact squared distance.
+A row whose bound is NaN or inf (a NaN or inf in ``x``, in a code, or an overflowing
+norm) is never certain, so it is rescanned; the rescan ranks a NaN distance first (the
+first NaN code wins, as torch.argmin: NaN in, NaN out), spelled out rather than left to
+``min``, which drops NaN on a GPU, and ties, all-inf rows included, go to the lowest index.
 
 On CUDA a float32 dot runs as ``tf32x3`` (three tensor-core passes, close to float32)
 and a float16/bfloat16 dot natively in 16 bits (their values are exact in tf32, so two of
@@ -131,7 +135,7 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
         x_sq += tl.sum(xv * xv, axis=1)
     max_sq_norm = tl.load(cb_sq_max_ptr)
     bound = rounding * (max_sq_norm + 2.0 * tl.sqrt(x_sq) * tl.sqrt(max_sq_norm))
-    ambiguous = row_ok & ((second - best) <= 2.0 * bound)
+    ambiguous = row_ok & ~((second - best) > 2.0 * bound)  # NaN-safe: a NaN gap or bound is ambiguous
     # Exact float32 rescan of the whole block when any of its rows is ambiguous.
     scan_end = tl.where(tl.max(ambiguous.to(tl.int32), axis=0) > 0, K, 0)
     exact_best = tl.full((BLOCK_N,), float("inf"), tl.float32)
@@ -141,6 +145,7 @@ def _finish_kernel(x_ptr, cb_ptr, best_ptr, second_ptr, index_ptr, index_out_ptr
         code_ok = codes < K
         dist = tl.where(code_ok[None, :], _exact_sq_dist(x_ptr, cb_ptr, rows, row_ok, codes, code_ok, D, BLOCK_N, BLOCK_K, BLOCK_D),
                         float("inf"))
+        dist = tl.where(dist != dist, -1.0, dist)  # distances are >= 0: -1 ranks a NaN first
         tile_best = tl.min(dist, axis=1)
         tile_index = tl.min(tl.where(dist == tile_best[:, None], codes[None, :], _INT32_MAX), axis=1)
         better = tile_best < exact_best

@@ -165,3 +165,19 @@ def test_vector_quantize_gradients_match_textbook_formula():
     got = reference.vector_quantize_backward(gq, gl, x.detach(), codebook.detach(), indices, beta)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_kl_reductions_do_not_depend_on_the_thread_count():
+    """float32 sums split across threads round differently unless accumulated wider."""
+    mu, logvar, logits = torch.randn(300_000), torch.randn(300_000), 3 * torch.randn(100_000, 3)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append([reference.gaussian_kl(mu, logvar, None, None, reduction) for reduction in REDUCTIONS[1:]]
+                            + [reference.categorical_kl(logits, None, 1, reduction) for reduction in REDUCTIONS[1:]])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))

@@ -9,9 +9,13 @@
 // * rows_across_lanes: anything else (`dim` not last, e.g. (B, K, H, W) with dim=1, or
 //   narrow K). Eight rows at a time, one per lane; for `dim` not last those rows are
 //   adjacent in memory, so every column is one contiguous vector load and store.
-// Softmax is online: one sweep over the columns makes the noise, the running max and the
-// sum, storing exp(z - running max) and the max of each chunk; a second sweep over that
-// cached row rescales. Backward runs the same sweeps, also accumulating sum(grad * e).
+// Softmax is online: one sweep over the columns makes z = logits + noise, the running max
+// and the sum, storing exp((z - running max) / tau) and the max of each chunk; a second
+// sweep over that cached row rescales. Centring z before scaling by 1 / tau (clamped to
+// [FLT_MIN, FLT_MAX]) keeps every tau > 0 finite. A row holding a NaN or +inf logit (some
+// z not below +inf: one compare per vector, folded into the sweep) is written all NaN,
+// as torch.softmax gives; the max and the argmax are not trusted with NaN. Backward runs
+// the same sweeps, also accumulating sum(grad * e).
 // Backward from the sample (the soft sample y is the saved output) needs no noise and no
 // exp: the same loop shapes read y and grad once into the row cache, one sweep takes
 // sum(grad * y), a second writes y * (grad - sum) / tau.
@@ -41,6 +45,7 @@ enum class Mode { kSoft, kHard, kBackward, kBackwardFromSample };
 constexpr int kWideChunk = 4 * kLanes;  // columns per step of rows_in_lanes (8 quads)
 constexpr int kTileChunk = 16;          // columns per online-softmax step of rows_across_lanes
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct GumbelProblem {
   uint64_t seed;
@@ -69,13 +74,14 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
   if (mode == Mode::kHard) {
     // Per-slot running argmax of logits + noise; a strict > keeps the lowest column.
     VecF best[4];
-    VecI best_col[4];
+    VecI best_col[4], finite = ~VecI{};
     for (int v = 0; v < 4; ++v) best[v] = vec8::splat(-kInf), best_col[v] = VecI{} - 1;
     for (int64_t j = 0; j < chunks; ++j) {
       VecF noise[4];
       noise_of_chunk(p.seed, row, j, noise);
       for (int v = 0; v < 4; ++v) {
         const VecF z = vec8::load(buf + kWideChunk * j + kLanes * v) + noise[v];
+        finite &= z < kInf;
         const VecI better = z > best[v];
         best[v] = vec8::select(better, z, best[v]);
         best_col[v] = vec8::select(better, vec8::lane_index() + static_cast<int32_t>(kWideChunk * j + kLanes * v),
@@ -88,39 +94,46 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
       for (int lane = 0; lane < kLanes; ++lane)
         if (best[v][lane] > top || (best[v][lane] == top && best_col[v][lane] < top_col && best_col[v][lane] >= 0))
           top = best[v][lane], top_col = best_col[v][lane];
-    std::fill(out_row, out_row + K, static_cast<scalar_t>(0.0f));
-    if (top_col >= 0) out_row[top_col] = static_cast<scalar_t>(1.0f);
+    const bool nan_row = vec8::lane_bits(finite) != (1u << kLanes) - 1;
+    std::fill(out_row, out_row + K, static_cast<scalar_t>(nan_row ? kNaN : 0.0f));
+    if (top_col >= 0 && !nan_row) out_row[top_col] = static_cast<scalar_t>(1.0f);
     return;
   }
   if (mode == Mode::kBackward) load_row(grad + p.grad.offset(row), p.grad.class_stride, K, padded, 0.0f, grad_buf);
   float running_max = -FLT_MAX;  // finite, so exp(running_max - new max) never sees inf - inf
   VecF sum{}, grad_dot{};
+  VecI finite = ~VecI{};
   for (int64_t j = 0; j < chunks; ++j) {
     VecF noise[4], z[4];
     noise_of_chunk(p.seed, row, j, noise);
     float* chunk = buf + kWideChunk * j;
-    for (int v = 0; v < 4; ++v) z[v] = (vec8::load(chunk + kLanes * v) + noise[v]) * p.inv_tau;
+    for (int v = 0; v < 4; ++v) {
+      z[v] = vec8::load(chunk + kLanes * v) + noise[v];
+      finite &= z[v] < kInf;
+    }
     const float top = vec8::horizontal_max(vec8::max(vec8::max(z[0], z[1]), vec8::max(z[2], z[3])));
     if (top > running_max) {
-      const float rescale = std::exp(running_max - top);
+      const float rescale = std::exp((running_max - top) * p.inv_tau);
       sum *= rescale;
       grad_dot *= rescale;
       running_max = top;
     }
     chunk_max[j] = running_max;
     for (int v = 0; v < 4; ++v) {
-      const VecF e = vecmath::exp_nonpositive(z[v] - running_max);
+      const VecF e = vecmath::exp_nonpositive((z[v] - running_max) * p.inv_tau);
       vec8::store(chunk + kLanes * v, e);
       sum += e;
       if (mode == Mode::kBackward) grad_dot += e * vec8::load(grad_buf + kWideChunk * j + kLanes * v);
     }
   }
   const float total = vec8::horizontal_sum(sum);
-  const float inv_sum = total > 0.0f ? 1.0f / total : 0.0f;  // an all -inf row gives zeros
+  // An all -inf row gives zeros, a NaN row NaN.
+  const float inv_sum = vec8::lane_bits(finite) != (1u << kLanes) - 1 ? kNaN : total > 0.0f ? 1.0f / total : 0.0f;
   const float dot = vec8::horizontal_sum(grad_dot) * inv_sum;
   float scaled_max = std::nanf(""), scale = 0.0f;
   for (int64_t j = 0; j < chunks; ++j) {
-    if (chunk_max[j] != scaled_max) scaled_max = chunk_max[j], scale = std::exp(chunk_max[j] - running_max) * inv_sum;
+    if (chunk_max[j] != scaled_max)
+      scaled_max = chunk_max[j], scale = std::exp((chunk_max[j] - running_max) * p.inv_tau) * inv_sum;
     float* chunk = buf + kWideChunk * j;
     for (int v = 0; v < 4; ++v) {
       const VecF y = vec8::load(chunk + kLanes * v) * scale;
@@ -207,7 +220,7 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
     const uint64_t row = static_cast<uint64_t>(std::min(first + lane, p.rows - 1));
     row_lo[lane] = static_cast<uint32_t>(row), row_hi[lane] = static_cast<uint32_t>(row >> 32);
   }
-  // z of the 16 columns of chunk j, one vector (eight rows) per column.
+  // z = logits + noise of the 16 columns of chunk j, one vector (eight rows) per column.
   auto perturbed_chunk = [&](int64_t j, VecF z[kTileChunk]) {
     for (int quad = 0; quad < kTileChunk / 4; ++quad) {
       VecU bits[4];
@@ -218,6 +231,7 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
       }
     }
   };
+  VecI finite = ~VecI{};  // the lanes whose z are all below +inf
   if (mode == Mode::kHard) {
     VecF best = vec8::splat(-kInf);
     VecI best_col = VecI{} - 1;
@@ -225,14 +239,20 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
       VecF z[kTileChunk];
       perturbed_chunk(j, z);
       for (int k = 0; k < kTileChunk; ++k) {
+        finite &= z[k] < kInf;
         const VecI better = z[k] > best;  // strict: ties keep the lowest column
         best = vec8::select(better, z[k], best);
         best_col = vec8::select(better, VecI{} + static_cast<int32_t>(kTileChunk * j + k), best_col);
       }
     }
     std::fill(tile, tile + K * kLanes, 0.0f);
-    for (int lane = 0; lane < kLanes; ++lane)
-      if (best_col[lane] >= 0) tile[best_col[lane] * kLanes + lane] = 1.0f;
+    for (int lane = 0; lane < kLanes; ++lane) {
+      if (!finite[lane]) {
+        for (int64_t c = 0; c < K; ++c) tile[c * kLanes + lane] = kNaN;
+      } else if (best_col[lane] >= 0) {
+        tile[best_col[lane] * kLanes + lane] = 1.0f;
+      }
+    }
     store_tile(tile, out_lanes, p.out.class_stride, K, out);
     return;
   }
@@ -245,23 +265,27 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
     VecF z[kTileChunk];
     perturbed_chunk(j, z);
     VecF top = running_max;
-    for (int k = 0; k < kTileChunk; ++k) top = vec8::max(top, z[k] *= p.inv_tau);
-    const VecF rescale = vecmath::exp_nonpositive(running_max - top);
+    for (int k = 0; k < kTileChunk; ++k) {
+      top = vec8::max(top, z[k]);
+      finite &= z[k] < kInf;
+    }
+    const VecF rescale = vecmath::exp_nonpositive((running_max - top) * p.inv_tau);
     sum *= rescale;
     grad_dot *= rescale;
     running_max = chunk_max[j] = top;
     for (int k = 0; k < kTileChunk; ++k) {
       float* column = tile + (kTileChunk * j + k) * kLanes;
-      const VecF e = vecmath::exp_nonpositive(z[k] - running_max);
+      const VecF e = vecmath::exp_nonpositive((z[k] - running_max) * p.inv_tau);
       vec8::store(column, e);
       sum += e;
       if (mode == Mode::kBackward) grad_dot += e * vec8::load(grad_tile + (kTileChunk * j + k) * kLanes);
     }
   }
-  const VecF inv_sum = vec8::select(sum > 0.0f, 1.0f / sum, VecF{});  // all -inf rows give zeros
+  // All -inf rows give zeros, NaN rows NaN.
+  const VecF inv_sum = vec8::select(finite, vec8::select(sum > 0.0f, 1.0f / sum, VecF{}), vec8::splat(kNaN));
   const VecF dot = grad_dot * inv_sum;
   for (int64_t j = 0; j < chunks; ++j) {
-    const VecF scale = vecmath::exp_nonpositive(chunk_max[j] - running_max) * inv_sum;
+    const VecF scale = vecmath::exp_nonpositive((chunk_max[j] - running_max) * p.inv_tau) * inv_sum;
     for (int k = 0; k < kTileChunk; ++k) {
       float* column = tile + (kTileChunk * j + k) * kLanes;
       const VecF y = vec8::load(column) * scale;
@@ -334,7 +358,10 @@ at::Tensor gumbel(const at::Tensor& x_in, const at::Tensor* grad_y, uint64_t see
   auto out = empty_output(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (x_in.numel() == 0) return out;
   at::Tensor x = x_in, grad = grad_y ? *grad_y : at::Tensor();
-  GumbelProblem p{seed, static_cast<float>(1.0 / tau), 0, x_in.size(dim),
+  // 1 / tau within [FLT_MIN, FLT_MAX]: every tau > 0 computes (reference.inverse_tau).
+  const float inv_tau =
+      static_cast<float>(std::clamp(1.0 / tau, static_cast<double>(FLT_MIN), static_cast<double>(FLT_MAX)));
+  GumbelProblem p{seed, inv_tau, 0, x_in.size(dim),
                   row_layout(x, dim), grad_y ? row_layout(grad, dim) : RowLayout{}, row_layout(out, dim)};
   p.rows = x_in.numel() / p.classes;
   FASTVAE_DISPATCH_FLOATS(x_in.scalar_type(), "gumbel_softmax", [&] {

@@ -17,36 +17,51 @@ namespace {
 
 using vec8::kLanes;
 using vec8::VecF;
+using vec8::VecI;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // KL(softmax(x) || softmax(q)) of one row, from rows loaded as float and padded with -inf
 // to a multiple of kLanes; q is null for the uniform prior. Two sweeps: the maxima, then
 // one exp sweep for the sums and the weighted sum (the exponentials are kept for the
 // backward when it passes buffers). Sums are centred on each row's max, so logits of any
 // magnitude lose no precision: log softmax(x)_c = (x_c - x_max) - log_sum_p.
+// A row whose logits or prior hold a NaN or +inf has KL NaN (sum_p NaN marks it for the
+// backward): the max would drop a NaN, so the max sweep also checks every value < +inf.
 struct KLRow {
   float x_max = 0.0f, log_sum_p = -kInf, sum_p = 0.0f;  // an all -inf row has no mass: sum 0
   float q_max = 0.0f, log_sum_q = 0.0f, sum_q = 0.0f;
   float kl = 0.0f;
 };
 
-float row_max(const float* v, int64_t padded) {
+// The max of a padded row; clears *finite if a value is NaN or +inf.
+float row_max(const float* v, int64_t padded, bool* finite) {
   VecF top = vec8::splat(-kInf);
-  for (int64_t c = 0; c < padded; c += kLanes) top = vec8::max(top, vec8::load(v + c));
+  VecI below_inf = ~VecI{};
+  for (int64_t c = 0; c < padded; c += kLanes) {
+    const VecF values = vec8::load(v + c);
+    top = vec8::max(top, values);
+    below_inf &= values < kInf;
+  }
+  *finite = *finite && vec8::lane_bits(below_inf) == (1u << kLanes) - 1;
   return vec8::horizontal_max(top);
 }
 
-// Classes with p = 0 (masked logits) contribute 0 whatever q is. e_p / e_q: where not
-// null, exp(x - x_max) and exp(q - q_max) are stored there.
+// Classes with p = 0 (masked logits) contribute 0 whatever q is; mass where q = 0 gives
+// +inf (an all -inf prior too). e_p / e_q: where not null, exp(x - x_max) and
+// exp(q - q_max) are stored there.
 KLRow kl_of_row(const float* x, const float* q, int64_t padded, int64_t classes, float* e_p, float* e_q) {
   KLRow row;
-  row.x_max = row_max(x, padded);
-  if (row.x_max == -kInf) return row;
-  if (q != nullptr) {
-    row.q_max = row_max(q, padded);
-    if (row.q_max == -kInf) row.q_max = 0.0f;  // no prior mass: log q = -inf, KL = inf
+  bool finite = true;
+  row.x_max = row_max(x, padded, &finite);
+  if (q != nullptr) row.q_max = row_max(q, padded, &finite);
+  if (!finite) {
+    row.kl = row.sum_p = kNaN;
+    return row;
   }
+  if (row.x_max == -kInf) return row;
+  if (row.q_max == -kInf) row.q_max = 0.0f;  // no prior mass: log q = -inf, KL = inf
   VecF sum_p{}, sum_q{}, weighted{};
   for (int64_t c = 0; c < padded; c += kLanes) {
     const VecF xc = vec8::load(x + c) - row.x_max;
@@ -64,7 +79,9 @@ KLRow kl_of_row(const float* x, const float* q, int64_t padded, int64_t classes,
   row.sum_p = vec8::horizontal_sum(sum_p);
   row.log_sum_p = std::log(row.sum_p);
   row.sum_q = q != nullptr ? vec8::horizontal_sum(sum_q) : static_cast<float>(classes);
-  row.log_sum_q = std::log(row.sum_q);  // the uniform prior: log q_c = -log K
+  // The uniform prior: log q_c = -log K. With no prior mass the weighted sum is already
+  // +inf; log 0 would make it inf - inf.
+  row.log_sum_q = row.sum_q > 0.0f ? std::log(row.sum_q) : 0.0f;
   row.kl = vec8::horizontal_sum(weighted) / row.sum_p - row.log_sum_p + row.log_sum_q;
   return row;
 }
@@ -132,7 +149,7 @@ at::Tensor categorical_kl(const at::Tensor& logits, const c10::optional<at::Tens
     shape.erase(shape.begin() + dim);
     return kl.reshape(shape).to(logits.scalar_type());
   }
-  auto total = kl.sum();
+  auto total = kl.sum(at::kDouble);  // float64: the same bits whatever the thread count
   if (reduction == "mean") total = total / static_cast<double>(std::max<int64_t>(in.rows, 1));
   if (reduction == "batchmean") total = total / static_cast<double>(logits.dim() > 1 ? logits.size(0) : 1);
   return total.to(logits.scalar_type());
@@ -176,9 +193,10 @@ std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at
           const float log_q = (q != nullptr ? q[c] - r.q_max : 0.0f) - r.log_sum_q;
           e_p[c] = p > 0.0f ? g_row * p * (log_p - log_q - r.kl) : 0.0f;
         }
-      } else {  // a row with no mass (all -inf) has zero gradients
-        std::fill(e_p, e_p + in.classes, 0.0f);
-        if (gq) std::fill(e_q, e_q + in.classes, 0.0f);
+      } else {  // a row with no mass (all -inf) has zero gradients, a NaN row NaN ones
+        const float fill = r.sum_p == 0.0f ? 0.0f : kNaN;
+        std::fill(e_p, e_p + in.classes, fill);
+        if (gq) std::fill(e_q, e_q + in.classes, fill);
       }
       const int64_t base = out_layout.offset(row), stride = out_layout.class_stride;
       for (int64_t c = 0; c < in.classes; ++c) gx[base + c * stride] = static_cast<scalar_t>(e_p[c]);

@@ -25,6 +25,12 @@
 // ties to the lowest index. An equal value arriving later makes the gap 0, so the order
 // in which codes are absorbed never decides a tie. The returned sq_dist is always the
 // exact float32 (x - e)^2 of the winner, never the expansion.
+//
+// Non-finite input. A row of x with a NaN or inf has a NaN or inf bound, so it is always
+// scanned exactly; a codebook with a NaN or inf (or a norm that overflows) skips the
+// expansion and scans every row exactly. The exact scan ranks a NaN distance first (the
+// first NaN code wins: torch.argmin's rule), so a NaN is never hidden, and ties, all-inf
+// rows included, go to the lowest index.
 #include <ATen/Parallel.h>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -123,6 +129,7 @@ struct Codebook {
   std::vector<float> packed;   // (panels, D, kPanel) -2 e; padding codes are 0
   std::vector<float> sq_norm;  // (panels * kPanel) ||e_k||^2; +inf for padding codes, which never win
   double max_sq_norm = 0, max_norm = 0;
+  bool norms_finite = true;  // false: every row is scanned exactly (see the top of the file)
 
   explicit Codebook(const at::Tensor& codebook)
       : num_codes(codebook.size(0)), dim(codebook.size(1)), panels((num_codes + kPanel - 1) / kPanel) {
@@ -138,6 +145,7 @@ struct Codebook {
         dst[j * kPanel] = -2.f * e[k * dim + j];
       }
       sq_norm[k] = s;
+      norms_finite = norms_finite && std::isfinite(s);
       max_sq_norm = std::max(max_sq_norm, static_cast<double>(s));
     }
     max_norm = std::sqrt(max_sq_norm);
@@ -317,15 +325,19 @@ constexpr std::array<SearchBlock, sizeof...(Dims) + 1> block_kernels(std::index_
 }
 
 // Finishes a row: the certain winner, or an exact float32 scan when the gap is within
-// the expansion's rounding bound.
-inline void finish_row(const Codebook& cb, const float* xrow, const RowBest& s, int64_t* index_out,
+// the expansion's rounding bound (or there is no search state `s`).
+inline void finish_row(const Codebook& cb, const float* xrow, const RowBest* s, int64_t* index_out,
                        float* dist_out) {
-  int64_t index = s.index;
-  if (!(static_cast<double>(s.second) - static_cast<double>(s.best) > 2.0 * rounding_bound(cb, xrow))) {
+  int64_t index = s ? s->index : 0;
+  if (!s || !(static_cast<double>(s->second) - static_cast<double>(s->best) > 2.0 * rounding_bound(cb, xrow))) {
     float best = kInf;
     index = 0;
     for (int64_t k = 0; k < cb.num_codes; ++k) {
       const float dist = exact_sq_dist(xrow, cb.code(k), cb.dim);
+      if (std::isnan(dist)) {
+        index = k;
+        break;
+      }
       if (dist < best) best = dist, index = k;
     }
   }
@@ -348,9 +360,9 @@ void search(const at::Tensor& x, const at::Tensor& codebook, int64_t* indices, f
       for (int64_t block = block_begin; block < block_end; ++block) {
         const int64_t begin = block * kRowBlock, end = std::min(n, begin + kRowBlock), rows = end - begin;
         const float* xf = rows_as_float(xp, begin, end, d, scratch);
-        search_block(cb, xf, rows, pad, state.data());
+        if (cb.norms_finite) search_block(cb, xf, rows, pad, state.data());
         for (int64_t r = 0; r < rows; ++r)
-          finish_row(cb, xf + r * d, state[r], indices + begin + r, sq_dist + begin + r);
+          finish_row(cb, xf + r * d, cb.norms_finite ? &state[r] : nullptr, indices + begin + r, sq_dist + begin + r);
       }
     });
   });

@@ -97,8 +97,14 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     ``logits + g``, ties to the lowest index) carrying the soft sample's gradient
     (straight-through). ``-inf`` logits are masked classes: never sampled, probability
     exactly 0. A row whose logits are all ``-inf`` has nothing to sample and gives zeros
-    (and zero gradient) rather than NaN. ``tau``: a finite number > 0 (a Python or NumPy
-    scalar, or a one-element floating-point tensor); ``hard``: a bool, NumPy bool or int.
+    (and zero gradient) rather than NaN. A row holding a NaN or ``+inf`` logit gives an
+    all-NaN row, soft and hard, and a NaN gradient (NaN in, NaN out, as
+    :func:`torch.nn.functional.gumbel_softmax`). Every finite ``tau > 0`` is computed:
+    as ``tau`` shrinks the soft sample tends to the hard one-hot, which it equals once
+    ``1 / tau`` passes float32's range (below about ``3e-39``); a huge ``tau`` gives the
+    uniform distribution over the unmasked classes.
+    ``tau``: a finite number > 0 (a Python or NumPy scalar, or a one-element floating-point
+    tensor); ``hard``: a bool, NumPy bool or int.
     """
     dim = _check_logits(logits, dim)
     if isinstance(tau, torch.Tensor) and not tau.is_floating_point():
@@ -118,7 +124,10 @@ def categorical_kl(logits, prior_logits=None, *, dim=-1, reduction="batchmean"):
 
     The prior is uniform over the classes when ``prior_logits`` is None, else
     ``softmax(prior_logits)`` (broadcast against ``logits``, and differentiable).
-    ``-inf`` logits are masked classes and contribute 0. ``reduction``: ``"none"`` (one
+    ``-inf`` logits are masked classes and contribute 0; a row whose logits are all
+    ``-inf`` has KL 0. Mass on a class the prior masks gives ``+inf`` (so does a prior
+    row that is all ``-inf``); a row whose logits or prior hold a NaN or ``+inf`` gives NaN,
+    and the reductions carry it. ``reduction``: ``"none"`` (one
     KL per distribution: ``logits``' shape without ``dim``), ``"sum"``, ``"mean"`` (over
     distributions) or ``"batchmean"`` (sum / ``logits.shape[0]``).
     """

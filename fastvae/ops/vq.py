@@ -73,7 +73,11 @@ def nearest_code(x, codebook):
     ``x.shape[:-1]``), the argmin over codes of the squared L2 distance (ties to the
     lowest index, as :func:`torch.argmin`), and ``sq_dist``, that distance, in ``x``'s
     dtype. Works tile by tile: the ``(N, K)`` distance matrix is never made. Not
-    differentiable (use :func:`vector_quantize` for training).
+    differentiable (use :func:`vector_quantize` for training). Non-finite input follows
+    :func:`torch.argmin` of the distance matrix: a NaN distance ranks first, so a row of
+    ``x`` holding a NaN gets code 0 and a code holding a NaN is every row's nearest, with
+    ``sq_dist`` (and :func:`vector_quantize`'s loss) NaN; a row whose distances are all
+    ``+inf`` gets code 0.
     """
     flat, codebook = _flatten(x, codebook)
     indices, sq_dist = _nearest_code(flat, codebook)
