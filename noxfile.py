@@ -26,12 +26,12 @@ def _install(session, extras):
 @nox.session(venv_params=["--system-site-packages"])
 def tests(session):
     """Build, then run the whole test suite (Triton kernels under the interpreter on CPU)."""
-    _install(session, ["pytest", "pytest-xdist", "scipy", "triton"])
+    _install(session, ["pytest", "pytest-xdist", "scipy", "triton", "diffusers"])
     session.run("python", "-m", "pytest", "-n", "2", "--durations=15", *session.posargs)
 
 
 @nox.session(venv_params=["--system-site-packages"])
 def bench(session):
     """Build, then run every benchmark on the default device and print the tables."""
-    _install(session, ["faiss-cpu", "vector-quantize-pytorch"])
+    _install(session, ["faiss-cpu", "vector-quantize-pytorch", "diffusers"])
     session.run("python", "benchmarks/run_all.py", *session.posargs)

@@ -97,6 +97,8 @@ def gumbel_stream(seed, rows, cols, device, dtype=torch.float32):
 def _reduce(value, reduction, batch):
     if reduction == "none":
         return value
+    if reduction == "per_sample":  # the sum over every dimension but the first
+        return value.reshape(value.shape[0], math.prod(value.shape[1:])).sum(dim=1)
     total = value.sum()
     if reduction == "sum":
         return total
@@ -145,7 +147,7 @@ def gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction):
     ct = compute_dtype(mu)
     prior = [None if p is None else p.to(ct) for p in (prior_mu, prior_logvar)]
     kl = _gaussian_kl_elementwise(mu.to(ct), logvar.to(ct), *prior)
-    kl = kl.expand(mu.shape) if reduction == "none" else kl
+    kl = kl.expand(mu.shape) if reduction in ("none", "per_sample") else kl
     return _reduce(kl, reduction, mu.shape[0] if mu.dim() else 1).to(mu.dtype).contiguous()
 
 
@@ -154,7 +156,9 @@ def gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, reduction):
     ct = compute_dtype(mu)
     m, lv = mu.to(ct), logvar.to(ct)
     g = grad.to(ct)
-    if reduction != "none":
+    if reduction == "per_sample":  # one gradient per sample, shared by its elements
+        g = g.reshape((-1,) + (1,) * (mu.dim() - 1))
+    elif reduction != "none":
         g = g * _reduction_scale(reduction, mu.numel(), mu.shape[0] if mu.dim() else 1)
     diff = m if prior_mu is None else m - prior_mu.to(ct)
     inv_prior_var = 1.0 if prior_logvar is None else torch.exp(-prior_logvar.to(ct))

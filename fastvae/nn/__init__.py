@@ -3,8 +3,8 @@
 One module per op column (``gaussian``, ``gumbel``, ``vq``); every layer is importable as
 ``fastvae.nn.<Name>``.
 """
-from .gaussian import GaussianKL, Reparameterize
+from .gaussian import DiagonalGaussian, GaussianKL, Reparameterize
 from .gumbel import GumbelSoftmax
 from .vq import VectorQuantizer
 
-__all__ = ["Reparameterize", "GaussianKL", "GumbelSoftmax", "VectorQuantizer"]
+__all__ = ["Reparameterize", "GaussianKL", "DiagonalGaussian", "GumbelSoftmax", "VectorQuantizer"]

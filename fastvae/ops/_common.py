@@ -54,9 +54,9 @@ def check_like(name, tensor, ref_name, ref):
         raise TypeError(f"{name} has dtype {tensor.dtype} but {ref_name} has {ref.dtype}; pass both in one dtype")
 
 
-def check_reduction(reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+def check_reduction(reduction, choices=REDUCTIONS):
+    if reduction not in choices:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, choices))}, got {reduction!r}")
 
 
 def check_dim(name, dim, ndim):

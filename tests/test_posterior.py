@@ -1,0 +1,196 @@
+"""Posterior layers for real pipelines: the per_sample KL reduction and DiagonalGaussian.
+
+Every backend is checked against fastvae.reference in float64 and against float64
+autograd of the textbook formulas; DiagonalGaussian also against diffusers'
+DiagonalGaussianDistribution (values, gradients, sample statistics).
+"""
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+import fastvae
+from fastvae import reference
+from helpers import DTYPES, as64, non_contiguous, randn, requires
+from test_gaussian import assert_close, inputs, seed_tensor, textbook_kl
+
+# Latent-like shapes: inner sizes that are and are not multiples of 4 (a Philox group)
+# or of a block, one sample, empty samples, an empty batch.
+PER_SAMPLE_SHAPES = [(3, 5, 9), (2, 1030), (4, 3, 4, 4), (2, 3, 7, 11), (5,), (1, 6), (3, 0), (0, 4)]
+
+
+def per_sample(kl):
+    return kl.reshape(kl.shape[0], math.prod(kl.shape[1:])).sum(dim=1)
+
+
+# ---------------------------------------------------------------- reduction="per_sample"
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PER_SAMPLE_SHAPES)
+def test_gaussian_kl_per_sample(backend, dtype, shape):
+    requires(backend, "gaussian_kl", "gaussian_kl_backward")
+    mu, logvar = inputs(shape, dtype, requires_grad=True)
+    kl = fastvae.gaussian_kl(mu, logvar, reduction="per_sample")
+    assert kl.shape == shape[:1] and kl.dtype == dtype
+    mu64, logvar64 = (t.detach().double().requires_grad_() for t in (mu, logvar))
+    kl64 = per_sample(textbook_kl(mu64, logvar64))
+    assert_close(kl, kl64, dtype, scale=4)
+    assert_close(kl, reference.gaussian_kl(*as64(mu, logvar), None, None, "per_sample"), dtype, scale=4)
+    grad_kl = randn(*kl.shape, dtype=dtype)
+    for g, g64 in zip(torch.autograd.grad(kl, (mu, logvar), grad_kl),
+                      torch.autograd.grad(kl64, (mu64, logvar64), grad_kl.double())):
+        assert_close(g, g64, dtype, scale=2)
+
+
+@pytest.mark.parametrize("prior_shape", [(3, 5, 9), (9,), (3, 1, 1), ()])
+def test_gaussian_kl_per_sample_with_prior(backend, prior_shape):
+    requires(backend, "gaussian_kl", "gaussian_kl_backward")
+    mu, logvar = inputs((3, 5, 9), torch.float32, requires_grad=True)
+    prior_mu, prior_logvar = randn(*prior_shape, requires_grad=True), randn(*prior_shape, scale=0.5, requires_grad=True)
+    leaves = (mu, logvar, prior_mu, prior_logvar)
+    kl = fastvae.gaussian_kl(non_contiguous(mu), logvar, prior_mu, prior_logvar, reduction="per_sample")
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    kl64 = per_sample(textbook_kl(*leaves64))
+    assert_close(kl, kl64, torch.float32, scale=4)
+    grad_kl = randn(3)
+    for g, g64 in zip(torch.autograd.grad(kl, leaves, grad_kl), torch.autograd.grad(kl64, leaves64, grad_kl.double())):
+        assert_close(g, g64, torch.float32, scale=8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PER_SAMPLE_SHAPES)
+def test_reparameterize_kl_per_sample(backend, dtype, shape):
+    requires(backend, "reparameterize_kl", "reparameterize_kl_backward")
+    mu, logvar = inputs(shape, dtype, requires_grad=True)
+    z, kl = fastvae.reparameterize_kl(mu, logvar, reduction="per_sample", generator=torch.Generator().manual_seed(5))
+    seed = torch.randint(2**63 - 1, (1,), dtype=torch.int64, generator=torch.Generator().manual_seed(5))
+    z_ref, kl_ref = reference.reparameterize_kl(*as64(mu, logvar), seed, "per_sample")
+    assert kl.shape == shape[:1]
+    assert_close(z, z_ref, dtype, scale=2)  # the same noise stream whatever the reduction
+    assert_close(kl, kl_ref, dtype, scale=4)
+    grad_z, grad_kl = randn(*shape, dtype=dtype), randn(*kl.shape, dtype=dtype)
+    grads = torch.autograd.grad((z, kl), (mu, logvar), (grad_z, grad_kl))
+    expected = reference.reparameterize_kl_backward(*as64(grad_z, grad_kl, mu, logvar, z), seed, "per_sample")
+    for g, e in zip(grads, expected):
+        assert_close(g, e, dtype, scale=4)
+
+
+def test_per_sample_gradient_may_be_expanded(backend):
+    """kl.sum().backward() hands the kernels an expanded (stride 0) per-sample gradient."""
+    requires(backend, "gaussian_kl", "gaussian_kl_backward")
+    mu, logvar = inputs((4, 3, 5), torch.float32, requires_grad=True)
+    fastvae.gaussian_kl(mu, logvar, reduction="per_sample").sum().backward()
+    mu64, logvar64 = as64(mu, logvar)
+    assert_close(mu.grad, mu64, torch.float32)
+    assert_close(logvar.grad, 0.5 * (logvar64.exp() - 1.0), torch.float32)
+
+
+def test_per_sample_needs_a_batch_dimension():
+    with pytest.raises(ValueError, match="per_sample"):
+        fastvae.gaussian_kl(torch.tensor(0.5), torch.tensor(0.1), reduction="per_sample")
+    with pytest.raises(ValueError, match="reduction"):
+        fastvae.categorical_kl(torch.randn(3, 4), reduction="per_sample")  # a Gaussian reduction only
+
+
+def test_per_sample_under_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        mu = torch.empty(6, 4, 8, 8)
+        assert fastvae.gaussian_kl(mu, mu, reduction="per_sample").shape == (6,)
+        assert fastvae.reparameterize_kl(mu, mu, reduction="per_sample")[1].shape == (6,)
+
+
+# ---------------------------------------------------------------- DiagonalGaussian against diffusers
+def diffusers_class():
+    vae = pytest.importorskip("diffusers.models.autoencoders.vae")
+    return vae.DiagonalGaussianDistribution
+
+
+def encoder_output(shape=(3, 8, 5, 6), dtype=torch.float64, requires_grad=True):
+    """Encoder parameters (B, 2C, H, W) with some log-variances outside the clamp [-30, 20]."""
+    params = torch.randn(shape, dtype=dtype)
+    params[:, shape[1] // 2:] *= 2.0
+    params[0, shape[1] // 2, 0, :2] = torch.tensor([-40.0, 25.0], dtype=dtype)
+    return params.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_diagonal_gaussian_matches_diffusers(backend, deterministic):
+    requires(backend, "gaussian_kl", "gaussian_kl_backward")
+    Reference = diffusers_class()
+    params = encoder_output(dtype=torch.float32)
+    ours, theirs = fastvae.nn.DiagonalGaussian(params, deterministic=deterministic), Reference(
+        params, deterministic=deterministic)
+    for name in ("mean", "logvar", "std", "var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name))
+    torch.testing.assert_close(ours.mode(), theirs.mode())
+    x = torch.randn(3, 4, 5, 6)
+    if deterministic:
+        assert torch.equal(ours.kl(), torch.zeros(3)) and torch.equal(ours.nll(x), torch.zeros(3))
+        torch.testing.assert_close(ours.sample(), theirs.sample())
+        return
+    other_params = encoder_output(dtype=torch.float32, requires_grad=False)
+    other, other_theirs = fastvae.nn.DiagonalGaussian(other_params), Reference(other_params)
+    for value, expected in ((ours.kl(), theirs.kl()), (ours.kl(other), theirs.kl(other_theirs)),
+                            (ours.nll(x), theirs.nll(x)), (ours.nll(x, [1, 2]), theirs.nll(x, [1, 2])),
+                            (ours.nll(x, dims=[1, 2, 3]), theirs.nll(x, dims=[1, 2, 3]))):
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-4)
+        grads = torch.autograd.grad(value.sum(), params, retain_graph=True)[0]
+        torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), params, retain_graph=True)[0],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_diagonal_gaussian_kl_in_float64_against_the_reference(backend):
+    requires(backend, "gaussian_kl")
+    params = encoder_output(dtype=torch.float32, requires_grad=False)
+    posterior = fastvae.nn.DiagonalGaussian(params)
+    mean64, logvar64 = as64(posterior.mean, posterior.logvar)
+    for reduction in ("per_sample", "none", "sum", "mean", "batchmean"):
+        assert_close(posterior.kl(reduction=reduction),
+                     reference.gaussian_kl(mean64, logvar64, None, None, reduction), torch.float32, scale=4)
+
+
+def test_diagonal_gaussian_sample_gradients_match_diffusers(backend):
+    """Same noise (recovered from our sample), same gradients, clamp included."""
+    requires(backend, "reparameterize", "reparameterize_backward")
+    params = encoder_output(dtype=torch.float32)
+    z = fastvae.nn.DiagonalGaussian(params).sample(generator=torch.Generator().manual_seed(1))
+    mean, logvar = torch.chunk(params, 2, dim=1)
+    seed = torch.randint(2**63 - 1, (1,), dtype=torch.int64, generator=torch.Generator().manual_seed(1))
+    eps = reference.normal_stream(seed, mean.shape, "cpu", torch.float64)
+    mean64, logvar64 = mean.detach().double(), logvar.detach().double().clamp(-30, 20)
+    assert_close(z, mean64 + (0.5 * logvar64).exp() * eps, torch.float32, scale=2)
+    grad_z = torch.randn_like(z)
+    grad = torch.autograd.grad(z, params, grad_z)[0]
+    params64 = params.detach().double().requires_grad_()
+    m, lv = torch.chunk(params64, 2, dim=1)
+    z64 = m + (0.5 * lv.clamp(-30, 20)).exp() * eps
+    assert_close(grad, torch.autograd.grad(z64, params64, grad_z.double())[0], torch.float32, scale=2)
+
+
+def test_diagonal_gaussian_sample_statistics(backend):
+    """Our samples and diffusers' have the same law N(mean, var) (two-sample KS per element group)."""
+    requires(backend, "reparameterize")
+    Reference = diffusers_class()
+    params = torch.cat([torch.full((4000, 1, 2, 2), 1.5), torch.full((4000, 1, 2, 2), -0.7)], dim=1)
+    ours = fastvae.nn.DiagonalGaussian(params).sample(generator=torch.Generator().manual_seed(2))
+    theirs = Reference(params).sample(generator=torch.Generator().manual_seed(3))
+    assert stats.ks_2samp(ours.flatten().numpy(), theirs.flatten().numpy()).pvalue > 1e-3
+    standardized = ((ours - 1.5) / math.exp(-0.35)).flatten().numpy()
+    assert stats.kstest(standardized, "norm").pvalue > 1e-3
+
+
+def test_diagonal_gaussian_on_other_dims_and_5d_latents(backend):
+    requires(backend, "gaussian_kl")
+    params = torch.randn(2, 3, 4, 6, 10)  # (B, C, T, H, 2 * W): chunks along the last dim
+    posterior = fastvae.nn.DiagonalGaussian(params, dim=-1)
+    mean, logvar = params[..., :5], params[..., 5:]
+    assert torch.equal(posterior.mean, mean)
+    kl = posterior.kl()
+    assert kl.shape == (2,)  # every non-batch dimension summed (diffusers' [1, 2, 3] would leave W)
+    assert_close(kl, per_sample(textbook_kl(*as64(mean, logvar))), torch.float32, scale=4)
+    with pytest.raises(ValueError, match="reduction"):
+        posterior.kl(reduction="elementwise")
+    with pytest.raises(TypeError, match="other"):
+        posterior.kl(other=torch.zeros(1))
+
