@@ -13,13 +13,16 @@ def _categorical_kl_fake(logits, prior_logits, dim, reduction):
     return logits.new_empty(logits.shape[:dim] + logits.shape[dim + 1:])
 
 
-_gumbel_softmax = define("gumbel_softmax(Tensor logits, Tensor seed, float tau, bool hard, int dim) -> Tensor",
+# tau is a one-element tensor on the logits' device (float64 for float64 logits, else
+# float32) that the kernels read from memory: a learned or annealed temperature costs no
+# host sync and no recompilation.
+_gumbel_softmax = define("gumbel_softmax(Tensor logits, Tensor seed, Tensor tau, bool hard, int dim) -> Tensor",
                          lambda logits, seed, tau, hard, dim: logits.new_empty(logits.shape))
 _gumbel_softmax_backward = define(
-    "gumbel_softmax_backward(Tensor grad_y, Tensor logits, Tensor seed, float tau, int dim) -> Tensor",
+    "gumbel_softmax_backward(Tensor grad_y, Tensor logits, Tensor seed, Tensor tau, int dim) -> Tensor",
     lambda grad_y, logits, seed, tau, dim: logits.new_empty(logits.shape))
 _gumbel_softmax_backward_from_sample = define(
-    "gumbel_softmax_backward_from_sample(Tensor grad_y, Tensor y, float tau, int dim) -> Tensor",
+    "gumbel_softmax_backward_from_sample(Tensor grad_y, Tensor y, Tensor tau, int dim) -> Tensor",
     lambda grad_y, y, tau, dim: y.new_empty(y.shape))
 _categorical_kl = define("categorical_kl(Tensor logits, Tensor? prior_logits, int dim, str reduction) -> Tensor",
                          _categorical_kl_fake)
@@ -33,25 +36,39 @@ class _GumbelSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, seed, tau, hard, dim):
         y = _gumbel_softmax(logits, seed, tau, hard, dim)
-        ctx.tau, ctx.dim, ctx.hard = tau, dim, hard
+        ctx.dim, ctx.hard = dim, hard
         if hard:
             # A one-hot output cannot give the soft sample back: keep what regenerates it.
-            ctx.save_for_backward(logits, seed)
+            ctx.save_for_backward(logits, seed, tau)
         else:
             # The output is the soft sample, so backward is a plain softmax backward from it:
             # no noise to regenerate, no exp, and nothing stored beyond the output itself.
-            ctx.save_for_backward(y)
+            ctx.save_for_backward(y, tau)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         if ctx.hard:
-            logits, seed = ctx.saved_tensors
-            grad = _gumbel_softmax_backward(grad_y, logits, seed, ctx.tau, ctx.dim)
+            logits, seed, tau = ctx.saved_tensors
+            grad = _gumbel_softmax_backward(grad_y, logits, seed, tau, ctx.dim)
         else:
-            y, = ctx.saved_tensors
-            grad = _gumbel_softmax_backward_from_sample(grad_y, y, ctx.tau, ctx.dim)
-        return grad, None, None, None, None
+            y, tau = ctx.saved_tensors
+            grad = _gumbel_softmax_backward_from_sample(grad_y, y, tau, ctx.dim)
+        grad_tau = None
+        if ctx.needs_input_grad[2]:
+            soft = _gumbel_softmax(logits, seed, tau, False, ctx.dim) if ctx.hard else y
+            grad_tau = _tau_gradient(grad, soft, tau)
+        return grad, None, grad_tau, None, None
+
+
+def _tau_gradient(grad_logits, y, tau):
+    """d loss / d tau from the logits' gradient and the soft sample y = softmax(s),
+    s = (logits + g) / tau: d y / d tau = -(y / tau)(s - sum(y s)), so the gradient is
+    -sum(grad_logits * s); each row of grad_logits sums to 0, so s may be replaced by
+    log y = s - logsumexp(s) (0 where y = 0: masked classes have no gradient)."""
+    ct = tau.dtype
+    log_y = torch.where(y > 0, torch.log(y.to(ct)), torch.zeros((), dtype=ct, device=y.device))
+    return -(grad_logits.to(ct) * log_y).sum().reshape(tau.shape)
 
 
 class _CategoricalKL(torch.autograd.Function):
@@ -87,20 +104,46 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     ``logits + g``, ties to the lowest index) carrying the soft sample's gradient
     (straight-through). ``-inf`` logits are masked classes: never sampled, probability
     exactly 0. A row whose logits are all ``-inf`` has nothing to sample and gives zeros
-    (and zero gradient) rather than NaN.
+    (and zero gradient) rather than NaN. ``tau`` is a number > 0 or a one-element float
+    tensor on the logits' device (a learned temperature: one that requires grad receives
+    its gradient; the kernels read it from memory, so there is no host sync).
     """
     dim = _check_logits(logits, dim)
-    if isinstance(tau, torch.Tensor) and tau.numel() == 1 and tau.is_floating_point():
-        tau = tau.item()  # an annealed temperature kept in a tensor
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
+    tau = _tau_tensor(tau, logits)
     if not isinstance(hard, bool):
         raise TypeError(f"hard must be a bool, got {type(hard).__name__}")
     seed = draw_seed(logits.device, generator)
-    tau = float(tau)
-    if torch.is_grad_enabled() and logits.requires_grad:
+    if torch.is_grad_enabled() and (logits.requires_grad or tau.requires_grad):
         return _GumbelSoftmax.apply(logits, seed, tau, hard, dim)
     return _gumbel_softmax(logits, seed, tau, hard, dim)
+
+
+_TAU_CACHE = {}  # (value, device, dtype) -> its tensor, reused by calls with a constant tau
+_TAU_CACHE_SIZE = 64
+
+
+def _tau_tensor(tau, logits):
+    """tau as the one-element tensor the kernels read (see the op schemas above). A tensor
+    tau keeps its autograd history; its value is not checked (that would be a host sync)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if isinstance(tau, torch.Tensor):
+        if tau.numel() != 1 or not tau.is_floating_point():
+            raise ValueError(f"tau as a tensor must be one floating-point element, got shape {tuple(tau.shape)} "
+                             f"and dtype {tau.dtype}")
+        if tau.device != logits.device:
+            raise ValueError(f"tau is on {tau.device} but logits is on {logits.device}; put tau on the logits' device")
+        return tau.reshape(1).to(dtype)
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite number > 0 or a one-element tensor, got {tau!r}")
+    if torch.compiler.is_compiling():
+        return torch.full((1,), float(tau), dtype=dtype, device=logits.device)
+    key = (float(tau), logits.device, dtype)
+    cached = _TAU_CACHE.get(key)
+    if cached is None:
+        if len(_TAU_CACHE) >= _TAU_CACHE_SIZE:  # an annealing schedule: a new value every step
+            _TAU_CACHE.clear()
+        cached = _TAU_CACHE[key] = torch.full((1,), float(tau), dtype=dtype, device=logits.device)
+    return cached
 
 
 def categorical_kl(logits, prior_logits=None, *, dim=-1, reduction="batchmean"):
