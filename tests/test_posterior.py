@@ -168,6 +168,27 @@ def test_diagonal_gaussian_sample_gradients_match_diffusers(backend):
     assert_close(grad, torch.autograd.grad(z64, params64, grad_z.double())[0], torch.float32, scale=2)
 
 
+def test_diagonal_gaussian_kl_after_sample(backend):
+    """kl() after sample() (the fused pass's KL) has the values and gradients of kl() alone,
+    also when sample() ran without grad."""
+    requires(backend, "reparameterize_kl", "reparameterize_kl_backward", "gaussian_kl", "gaussian_kl_backward")
+    params = encoder_output(dtype=torch.float32)
+    alone = fastvae.nn.DiagonalGaussian(params).kl()
+    expected = torch.autograd.grad(alone.sum(), params)[0]
+    posterior = fastvae.nn.DiagonalGaussian(params)
+    z = posterior.sample(generator=torch.Generator().manual_seed(6))
+    kl = posterior.kl()
+    torch.testing.assert_close(kl, alone)
+    torch.testing.assert_close(torch.autograd.grad(kl.sum(), params, retain_graph=True)[0], expected)
+    both = torch.autograd.grad(z.sum() + kl.sum(), params)[0]  # one node, both gradients
+    mean, logvar = torch.chunk(params, 2, dim=1)
+    z_alone = fastvae.reparameterize(mean, logvar.clamp(-30, 20), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(both, torch.autograd.grad(z_alone.sum(), params)[0] + expected)
+    with torch.no_grad():
+        posterior.sample()
+    assert posterior.kl().requires_grad
+
+
 def test_diagonal_gaussian_sample_statistics(backend):
     """Our samples and diffusers' have the same law N(mean, var) (two-sample KS per element group)."""
     requires(backend, "reparameterize")
@@ -194,3 +215,90 @@ def test_diagonal_gaussian_on_other_dims_and_5d_latents(backend):
     with pytest.raises(TypeError, match="other"):
         posterior.kl(other=torch.zeros(1))
 
+
+# ---------------------------------------------------------------- GumbelQuantizer against taming
+def taming_kl(logits, kl_weight):
+    """taming GumbelQuantize's loss: kl_weight * sum(qy * log(qy * K + 1e-10), dim=1).mean()."""
+    qy = torch.softmax(logits, dim=1)
+    return kl_weight * torch.sum(qy * torch.log(qy * logits.shape[1] + 1e-10), dim=1).mean()
+
+
+def quantizer_and_input(**options):
+    layer = fastvae.nn.GumbelQuantizer(6, 37, 5, **options)
+    return layer, torch.randn(2, 6, 3, 4)
+
+
+@pytest.mark.parametrize("straight_through", [True, False], ids=["hard", "soft"])
+def test_gumbel_quantizer_training_matches_the_reference(backend, straight_through):
+    requires(backend, "gumbel_softmax", "gumbel_softmax_backward", "categorical_kl", "categorical_kl_backward")
+    layer, x = quantizer_and_input(tau=0.7, straight_through=straight_through, kl_weight=0.3)
+    torch.manual_seed(7)
+    quantized, indices, loss = layer(x)
+    torch.manual_seed(7)
+    seed = torch.randint(2**63 - 1, (1,), dtype=torch.int64)  # the draw of ops' draw_seed
+    logits64 = torch.einsum("bchw,kc->bhwk", x.double(), layer.proj.weight.double()) + layer.proj.bias.double()
+    sample = reference.gumbel_softmax(logits64, seed, 0.7, straight_through, 3)
+    expected = torch.einsum("bhwk,kd->bdhw", sample, layer.embed.weight.double())
+    assert quantized.shape == (2, 5, 3, 4) and indices.shape == (2, 3, 4)
+    assert_close(quantized, expected, torch.float32, scale=4)
+    assert torch.equal(indices, sample.argmax(dim=-1))
+    assert_close(loss, taming_kl(logits64.movedim(-1, 1), 0.3), torch.float32, scale=4)
+    (quantized.square().sum() + loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+
+
+def test_gumbel_quantizer_eval_is_the_argmax_without_noise(backend):
+    requires(backend, "categorical_kl")
+    layer, x = quantizer_and_input()
+    layer.eval()
+    quantized, indices, loss = layer(x)
+    logits = layer.proj(x.movedim(1, -1))
+    assert torch.equal(indices, logits.argmax(dim=-1))
+    assert torch.equal(quantized, layer.embed.weight[indices].movedim(-1, 1))
+    torch.testing.assert_close(layer(x)[0], quantized)  # deterministic
+    torch.testing.assert_close(loss, taming_kl(logits.movedim(-1, 1), 5e-4), rtol=1e-4, atol=1e-9)
+
+
+def test_gumbel_quantizer_learned_and_annealed_tau(backend):
+    requires(backend, "gumbel_softmax", "gumbel_softmax_backward", "categorical_kl", "categorical_kl_backward")
+    layer, x = quantizer_and_input(learn_tau=True, tau=0.9, straight_through=False)
+    assert isinstance(layer.tau, torch.nn.Parameter)
+    quantized, _, loss = layer(x)
+    (quantized.square().sum() + loss).backward()
+    assert layer.tau.grad is not None and torch.isfinite(layer.tau.grad) and layer.tau.grad != 0
+    annealed, _ = quantizer_and_input(tau=2.0)
+    annealed.tau = 0.25  # a schedule sets the attribute between steps
+    torch.manual_seed(3)
+    soft_low = annealed(x)[0]
+    assert soft_low.shape == (2, 5, 3, 4)
+
+
+def test_gumbel_quantizer_taming_outputs_and_channel_last(backend):
+    requires(backend, "gumbel_softmax", "categorical_kl")
+    layer, x = quantizer_and_input(taming_outputs=True)
+    layer.eval()
+    z_q, loss, (_, _, indices) = layer(x)
+    assert z_q.shape == (2, 5, 3, 4) and loss.dim() == 0 and indices.shape == (2, 3, 4)
+    last = fastvae.nn.GumbelQuantizer(6, 37, 5, channel_dim=-1)
+    last.load_state_dict(layer.state_dict())
+    last.eval()
+    quantized, last_indices, _ = last(x.movedim(1, -1))
+    assert torch.equal(last_indices, indices) and torch.equal(quantized, z_q.movedim(1, -1))
+    with pytest.raises(ValueError, match="in_channels"):
+        last(x)
+
+
+def test_gumbel_quantizer_kl_against_dalle_pytorch(backend):
+    """DALLE-pytorch 1.6.6 DiscreteVAE's KL (read from its source; the package does not
+    install here): F.kl_div(log(1/K) of shape (1,), log_softmax over codes, 'batchmean',
+    log_target=True), i.e. the sum over every position, which is N times ours."""
+    requires(backend, "categorical_kl")
+    layer, x = quantizer_and_input(kl_weight=1.0)
+    layer.eval()
+    loss = layer(x)[2]
+    logits = layer.proj(x.movedim(1, -1)).movedim(-1, 1).detach()  # the dVAE encoder's (B, K, H, W)
+    log_qy = torch.log_softmax(logits.flatten(2).transpose(1, 2), dim=-1)
+    log_uniform = torch.log(torch.tensor([1.0 / 37]))
+    dalle = torch.nn.functional.kl_div(log_uniform, log_qy, None, None, "batchmean", log_target=True)
+    torch.testing.assert_close(loss * 2 * 3 * 4, dalle, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fastvae.categorical_kl(logits, dim=1, reduction="sum"), dalle, rtol=1e-5, atol=1e-6)

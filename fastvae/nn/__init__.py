@@ -4,7 +4,7 @@ One module per op column (``gaussian``, ``gumbel``, ``vq``); every layer is impo
 ``fastvae.nn.<Name>``.
 """
 from .gaussian import DiagonalGaussian, GaussianKL, Reparameterize
-from .gumbel import GumbelSoftmax
+from .gumbel import GumbelQuantizer, GumbelSoftmax
 from .vq import VectorQuantizer
 
-__all__ = ["Reparameterize", "GaussianKL", "DiagonalGaussian", "GumbelSoftmax", "VectorQuantizer"]
+__all__ = ["Reparameterize", "GaussianKL", "DiagonalGaussian", "GumbelSoftmax", "GumbelQuantizer", "VectorQuantizer"]

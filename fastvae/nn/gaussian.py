@@ -80,8 +80,12 @@ class DiagonalGaussian:
         self.parameters = parameters
         self.dim = dim
         self.deterministic = deterministic
-        self.mean, logvar = torch.chunk(parameters, 2, dim=dim)
+        mean, logvar = torch.chunk(parameters, 2, dim=dim)
+        # A channel slice of (B, 2C, H, W) is not a (rows, cols) matrix the kernels read in
+        # place: one copy here rather than one in every op that reads it.
+        self.mean = mean.contiguous()
         self.logvar = torch.clamp(logvar, _LOGVAR_MIN, _LOGVAR_MAX)
+        self._sampled_kl = None  # (the per-sample KL made with the last sample, its grad mode)
 
     @property
     def std(self):
@@ -94,7 +98,11 @@ class DiagonalGaussian:
     def sample(self, generator=None):
         if self.deterministic:
             return self.mean.clone()
-        return ops.reparameterize(self.mean, self.logvar, generator=generator)
+        # The per-sample KL comes out of the same pass (and its gradient out of the same
+        # backward): kl() returns it rather than reading mean and logvar again.
+        z, kl = ops.reparameterize_kl(self.mean, self.logvar, reduction="per_sample", generator=generator)
+        self._sampled_kl = (kl, torch.is_grad_enabled())
+        return z
 
     def mode(self):
         return self.mean
@@ -104,6 +112,9 @@ class DiagonalGaussian:
         if self.deterministic:
             return self._zeros(reduction)
         if other is None:
+            if reduction == "per_sample" and self._sampled_kl is not None and \
+                    self._sampled_kl[1] == torch.is_grad_enabled():
+                return self._sampled_kl[0]
             return ops.gaussian_kl(self.mean, self.logvar, reduction=reduction)
         if not isinstance(other, DiagonalGaussian):
             raise TypeError(f"other must be a DiagonalGaussian or None, got {type(other).__name__}")
