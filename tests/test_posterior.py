@@ -302,3 +302,17 @@ def test_gumbel_quantizer_kl_against_dalle_pytorch(backend):
     dalle = torch.nn.functional.kl_div(log_uniform, log_qy, None, None, "batchmean", log_target=True)
     torch.testing.assert_close(loss * 2 * 3 * 4, dalle, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fastvae.categorical_kl(logits, dim=1, reduction="sum"), dalle, rtol=1e-5, atol=1e-6)
+
+
+def test_one_hot_codes_matches_the_matrix_product():
+    from fastvae.ops.gumbel import one_hot_codes
+    indices = torch.randint(7, (3, 4))
+    one_hot = torch.nn.functional.one_hot(indices, 7).double().requires_grad_()
+    codebook = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 4, 5, dtype=torch.float64)
+    got = one_hot_codes(one_hot, indices, codebook)
+    expected = one_hot @ codebook
+    assert torch.equal(got, expected)
+    for g, e in zip(torch.autograd.grad(got, (one_hot, codebook), grad),
+                    torch.autograd.grad(expected, (one_hot, codebook), grad)):
+        torch.testing.assert_close(g, e)

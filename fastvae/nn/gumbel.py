@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.gumbel import one_hot_codes
 
 
 class GumbelSoftmax(nn.Module):
@@ -70,7 +71,10 @@ class GumbelQuantizer(nn.Module):
         if self.training:
             sample = ops.gumbel_softmax(logits, self.tau, hard=self.straight_through, dim=-1)
             indices = sample.argmax(dim=-1)
-            quantized = sample @ self.embed.weight
+            if self.straight_through:
+                quantized = one_hot_codes(sample, indices, self.embed.weight)
+            else:
+                quantized = sample @ self.embed.weight
         else:
             indices = logits.argmax(dim=-1)
             quantized = self.embed(indices)
