@@ -34,7 +34,7 @@ def tests(session):
 @nox.session(venv_params=["--system-site-packages"])
 def bench(session):
     """Build, then run every benchmark on the default device and print the tables."""
-    _install(session, ["faiss-cpu", "vector-quantize-pytorch", "scikit-learn"])
+    _install(session, ["faiss-cpu", "vector-quantize-pytorch", "scikit-learn", "diffusers"])
     session.run("python", "benchmarks/run_all.py", *session.posargs)
 
 

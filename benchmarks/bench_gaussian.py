@@ -1,16 +1,20 @@
 """Gaussian column: reparameterize, gaussian_kl, reparameterize_kl against eager PyTorch
-and torch.compile, forward and forward+backward.
+and torch.compile, forward and forward+backward; and the latent-diffusion posterior
+(fastvae.nn.DiagonalGaussian's sample() + kl()) against diffusers' DiagonalGaussianDistribution.
 
     python benchmarks/bench_gaussian.py [--device cuda] [--quick]
 """
 import torch
 
 import fastvae
+import fastvae.nn
 import harness
 from harness import Case, against_torch, compiled, forward_backward
 
 CPU_SHAPES = [(256, 128), (4096, 512), (65536, 256)]
 GPU_SHAPES = [(65536, 256), (1048576, 256)]
+# Encoder outputs (B, 2C, H, W): a Stable-Diffusion-like latent of 8 channels at 64x64
+POSTERIOR_SHAPES = [(16, 16, 64, 64)]
 
 
 def eager_reparameterize(mu, logvar):
@@ -52,6 +56,36 @@ def cases(args):
                     candidates = against_torch(wrap(ours), wrap(eager), None if comp is None else wrap(comp),
                                                args.device, impl_ops)
                     yield Case(op, shape, candidates, bytes_moved=moved, device=args.device, dtype=dtype, mode=mode)
+        yield from posterior_cases(args, dtype)
+
+
+def posterior_cases(args, dtype):
+    """sample() + kl() of the posterior, forward+backward (what a VAE training step calls)."""
+    try:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    except ImportError:
+        print("diffusers not installed (pip install diffusers): posterior benchmark skipped")
+        return
+
+    def ours(params):
+        posterior = fastvae.nn.DiagonalGaussian(params)
+        return posterior.sample(), posterior.kl()
+
+    def diffusers(params):
+        posterior = DiagonalGaussianDistribution(params)
+        return posterior.sample(), posterior.kl()
+
+    for shape in POSTERIOR_SHAPES[:1 if args.quick else None]:
+        params = torch.randn(shape, device=args.device, dtype=dtype)
+        half = params.element_size() * params.numel() // 2
+        comp = compiled(diffusers, args)
+        # read mean and logvar, write z; backward: read grad_z, mean, logvar, write the
+        # parameters' gradient (both halves)
+        candidates = against_torch(forward_backward(ours, params), forward_backward(diffusers, params),
+                                   None if comp is None else forward_backward(comp, params), args.device,
+                                   ("reparameterize", "reparameterize_backward", "gaussian_kl", "gaussian_kl_backward"))
+        yield Case("DiagonalGaussian sample+kl", shape, candidates, bytes_moved=10 * half, device=args.device,
+                   dtype=dtype, mode="forward+backward")
 
 
 if __name__ == "__main__":

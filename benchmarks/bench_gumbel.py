@@ -1,6 +1,7 @@
 """Gumbel column: gumbel_softmax (soft and hard) against F.gumbel_softmax, and
 categorical_kl against the textbook log_softmax expression, eager and torch.compile,
-forward and forward+backward.
+forward and forward+backward; fastvae.nn.GumbelQuantizer against taming's GumbelQuantize
+(forward+backward, time and peak memory).
 
     python benchmarks/bench_gumbel.py [--device cuda] [--quick]
 
@@ -16,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import fastvae
+import fastvae.nn
 import harness
-from harness import Case, against_torch, compiled, forward_backward
+from harness import Case, against_torch, compiled, fastvae_candidates, forward_backward
 
 CPU_SHAPES = [(256, 64), (4096, 512), (32768, 8192)]
 GPU_SHAPES = [(256, 64), (4096, 512), (32768, 8192)]
@@ -54,6 +56,7 @@ def cases(args):
                                max_samples=LARGE_SAMPLES if large else None)
 
             yield from categorical_kl_cases(logits, size, args)
+        yield from quantizer_cases(args, dtype)
 
 
 def eager_categorical_kl(logits):
@@ -74,6 +77,68 @@ def categorical_kl_cases(logits, size, args):
                                    None if comp is None else wrap(comp), args.device, impl_ops)
         yield Case("categorical_kl", tuple(logits.shape), candidates, bytes_moved=moved, device=args.device,
                    dtype=logits.dtype, mode=mode, max_samples=LARGE_SAMPLES if large else None)
+
+
+class TamingGumbelQuantize(torch.nn.Module):
+    """taming-transformers' GumbelQuantize (taming/modules/vqvae/quantize.py), its training
+    forward as written there (remap and return_logits left out). Written out because the
+    PyPI package taming-transformers (0.0.1) is stale and pins old dependencies."""
+
+    def __init__(self, num_hiddens, embedding_dim, n_embed, straight_through=True, kl_weight=5e-4, temp_init=1.0):
+        super().__init__()
+        self.embedding_dim, self.n_embed = embedding_dim, n_embed
+        self.straight_through, self.temperature, self.kl_weight = straight_through, temp_init, kl_weight
+        self.proj = torch.nn.Conv2d(num_hiddens, n_embed, 1)
+        self.embed = torch.nn.Embedding(n_embed, embedding_dim)
+
+    def forward(self, z, temp=None):
+        hard = self.straight_through if self.training else True
+        temp = self.temperature if temp is None else temp
+        logits = self.proj(z)
+        soft_one_hot = F.gumbel_softmax(logits, tau=temp, dim=1, hard=hard)
+        z_q = torch.einsum("b n h w, n d -> b d h w", soft_one_hot, self.embed.weight)
+        qy = F.softmax(logits, dim=1)
+        diff = self.kl_weight * torch.sum(qy * torch.log(qy * self.n_embed + 1e-10), dim=1).mean()
+        ind = soft_one_hot.argmax(dim=1)
+        return z_q, diff, (None, None, ind)
+
+
+# (B, in_channels, H, W), codes, code size: DALL-E's 8192 codes on a 32x32 grid
+QUANTIZER_SHAPES = [((8, 256, 32, 32), 8192, 256)]
+
+
+def quantizer_cases(args, dtype):
+    for shape, num_codes, dim in QUANTIZER_SHAPES[:1 if args.quick else None]:
+        x = torch.randn(shape, device=args.device, dtype=dtype)
+        n = shape[0] * shape[2] * shape[3]
+        for hard in (False, True):
+            ours = fastvae.nn.GumbelQuantizer(shape[1], num_codes, dim, straight_through=hard).to(args.device, dtype)
+            taming = TamingGumbelQuantize(shape[1], dim, num_codes, straight_through=hard).to(args.device, dtype)
+            with torch.no_grad():  # the same projection and codebook
+                taming.proj.weight.copy_(ours.proj.weight[:, :, None, None])
+                taming.proj.bias.copy_(ours.proj.bias)
+                taming.embed.weight.copy_(ours.embed.weight)
+
+            def loss_of(layer, outputs_first_two):
+                def step(x):
+                    out = layer(x)
+                    quantized, loss = (out[0], out[2]) if outputs_first_two == "ours" else (out[0], out[1])
+                    return quantized, loss
+                return step
+
+            comp = compiled(loss_of(taming, "taming"), args)
+            # projection, sample mixing, and their backward: 6 GEMMs of n * num_codes * (C or D)
+            flops = 2 * n * num_codes * (shape[1] + dim) * 3
+            candidates = fastvae_candidates(forward_backward(loss_of(ours, "ours"), x), args.device,
+                                            ("gumbel_softmax", "gumbel_softmax_backward",
+                                             "gumbel_softmax_backward_from_sample", "categorical_kl",
+                                             "categorical_kl_backward"))
+            candidates["taming GumbelQuantize"] = forward_backward(loss_of(taming, "taming"), x)
+            if comp is not None:
+                candidates["taming torch.compile"] = forward_backward(comp, x)
+            yield Case("GumbelQuantizer " + ("hard" if hard else "soft"), (n, num_codes, dim), candidates,
+                       flops=flops, device=args.device, dtype=dtype, mode="forward+backward", memory=True,
+                       max_samples=LARGE_SAMPLES + 1)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,12 @@ std::vector<at::Tensor> reparameterize_kl_backward(const at::Tensor& grad_z, con
                                                    const at::Tensor& seed, const std::string& reduction);
 
 // ---- Gumbel column: csrc/cpu/gumbel.cpp (sampling), csrc/cpu/gumbel_kl.cpp (KL)
-at::Tensor gumbel_softmax(const at::Tensor& logits, const at::Tensor& seed, double tau, bool hard, int64_t dim);
+// tau: a one-element floating-point tensor (a learned temperature is read, never synced)
+at::Tensor gumbel_softmax(const at::Tensor& logits, const at::Tensor& seed, const at::Tensor& tau, bool hard,
+                          int64_t dim);
 at::Tensor gumbel_softmax_backward(const at::Tensor& grad_y, const at::Tensor& logits, const at::Tensor& seed,
-                                   double tau, int64_t dim);
-at::Tensor gumbel_softmax_backward_from_sample(const at::Tensor& grad_y, const at::Tensor& y, double tau,
+                                   const at::Tensor& tau, int64_t dim);
+at::Tensor gumbel_softmax_backward_from_sample(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& tau,
                                                int64_t dim);
 at::Tensor categorical_kl(const at::Tensor& logits, const c10::optional<at::Tensor>& prior_logits, int64_t dim,
                           const std::string& reduction);

@@ -102,6 +102,8 @@ def _reduce(value, reduction, batch):
         return value
     # Accumulated in float64, so the float32 result does not depend on how the sum is split
     # across threads.
+    if reduction == "per_sample":  # the sum over every dimension but the first
+        return value.reshape(value.shape[0], math.prod(value.shape[1:])).sum(dim=1, dtype=torch.float64)
     total = value.sum(dtype=torch.float64)
     if reduction == "sum":
         return total
@@ -150,7 +152,7 @@ def gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction):
     ct = compute_dtype(mu)
     prior = [None if p is None else p.to(ct) for p in (prior_mu, prior_logvar)]
     kl = _gaussian_kl_elementwise(mu.to(ct), logvar.to(ct), *prior)
-    kl = kl.expand(mu.shape) if reduction == "none" else kl
+    kl = kl.expand(mu.shape) if reduction in ("none", "per_sample") else kl
     return _reduce(kl, reduction, mu.shape[0] if mu.dim() else 1).to(mu.dtype).contiguous()
 
 
@@ -159,7 +161,9 @@ def gaussian_kl_backward(grad, mu, logvar, prior_mu, prior_logvar, reduction):
     ct = compute_dtype(mu)
     m, lv = mu.to(ct), logvar.to(ct)
     g = grad.to(ct)
-    if reduction != "none":
+    if reduction == "per_sample":  # one gradient per sample, shared by its elements
+        g = g.reshape((-1,) + (1,) * (mu.dim() - 1))
+    elif reduction != "none":
         g = g * _reduction_scale(reduction, mu.numel(), mu.shape[0] if mu.dim() else 1)
     diff = m if prior_mu is None else m - prior_mu.to(ct)
     inv_prior_var = 1.0 if prior_logvar is None else torch.exp(-prior_logvar.to(ct))
@@ -192,11 +196,12 @@ def _rows(t, dim):
 
 
 def inverse_tau(tau, dtype):
-    """``1 / tau`` clamped to ``dtype``'s normal range, so every ``tau > 0`` computes: below
-    ``1 / max`` the sample is the one-hot of the argmax, above ``1 / tiny`` it is uniform
-    over the unmasked classes (``-inf * tiny`` stays ``-inf``)."""
+    """``1 / tau`` (a number or a one-element tensor) clamped to ``dtype``'s normal range, so
+    every ``tau > 0`` computes: below ``1 / max`` the sample is the one-hot of the argmax,
+    above ``1 / tiny`` it is uniform over the unmasked classes (``-inf * tiny`` stays ``-inf``)."""
     finfo = torch.finfo(dtype)
-    return min(max(1.0 / tau, finfo.tiny), finfo.max)
+    tau = tau.to(dtype) if isinstance(tau, torch.Tensor) else torch.tensor(tau, dtype=dtype)
+    return (1.0 / tau).clamp(finfo.tiny, finfo.max)
 
 
 def _gumbel_soft(logits2d, seed, tau):

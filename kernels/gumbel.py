@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import inverse_tau
 from ._rng import gumbel4
 
 # Globals a kernel reads must be constexpr (compiled Triton refuses plain Python globals).
@@ -87,8 +86,12 @@ def _sample_tile(y_ptr, y_rows, y_cs, row_mask, col0, K, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _gumbel_kernel(x_ptr, grad_ptr, out_ptr, seed_ptr, n_rows, K, inner, out_os, x_os, x_is, x_cs, g_os, g_is, g_cs,
-                   inv_tau,
+                   tau_ptr,
                    MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, SINGLE_TILE: tl.constexpr):
+    # From memory: a learned tau needs no host sync. Clamped to float32's normal range, as
+    # reference.inverse_tau: every tau > 0 computes.
+    inv_tau = tl.minimum(tl.maximum(1.0 / tl.load(tau_ptr).to(tl.float32), 1.1754943508222875e-38),
+                         3.4028234663852886e38)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < n_rows
     # x is the soft sample y in _FROM_SAMPLE mode, which has no noise and so no seed to read.
@@ -298,9 +301,8 @@ def _gumbel(mode, x, grad_y, seed, tau, dim):
     g, g_os, g_is, g_cs = _layout(grad_y, dim) if grad_y is not None else (x, 0, 0, 0)
     block_r, block_q = _blocks(rows, K, inner)
     _gumbel_kernel[(triton.cdiv(rows, block_r),)](
-        x, g, out, seed, rows, K, inner, K * inner, x_os, x_is, x_cs, g_os, g_is, g_cs,
-        inverse_tau(tau, torch.float32), MODE=mode, BLOCK_R=block_r, BLOCK_Q=block_q, SINGLE_TILE=4 * block_q >= K,
-        num_warps=8 if block_r * block_q >= 1024 else 4)
+        x, g, out, seed, rows, K, inner, K * inner, x_os, x_is, x_cs, g_os, g_is, g_cs, tau, MODE=mode,
+        BLOCK_R=block_r, BLOCK_Q=block_q, SINGLE_TILE=4 * block_q >= K, num_warps=8 if block_r * block_q >= 1024 else 4)
     return out
 
 

@@ -102,7 +102,7 @@ def test_backends_agree_for_one_seed():
         outs = []
         for name in kernels:
             with fastvae.use_backend(name):
-                outs.append(torch.ops.fastvae.gumbel_softmax(logits, seed, 0.9, hard, 1))
+                outs.append(torch.ops.fastvae.gumbel_softmax(logits, seed, torch.tensor([0.9]), hard, 1))
         if hard:
             assert torch.equal(outs[0], outs[1])
         else:
@@ -123,7 +123,7 @@ def test_backward_from_sample_matches_reference(backend, case, dtype):
     requires(backend, "gumbel_softmax_backward_from_sample")
     shape, dim = case
     y, grad_y = _soft_sample(shape, dim, dtype), randn(*shape, dtype=dtype)
-    got = torch.ops.fastvae.gumbel_softmax_backward_from_sample(grad_y, y, 0.7, dim % len(shape))
+    got = torch.ops.fastvae.gumbel_softmax_backward_from_sample(grad_y, y, torch.tensor([0.7]), dim % len(shape))
     assert got.shape == y.shape and got.dtype == dtype
     assert backend == "torch" or got.is_contiguous()
     expected = reference.gumbel_softmax_backward_from_sample(*as64(grad_y, y), 0.7, dim % len(shape))
@@ -141,7 +141,7 @@ def test_backward_from_sample_strided_and_broadcast_grad(backend, dim):
     grads = [non_contiguous(randn(*shape)), torch.ones(()).expand(shape), torch.linspace(-1, 1, 5).expand(shape)]
     for y_view in ys:
         for grad_y in grads:
-            got = torch.ops.fastvae.gumbel_softmax_backward_from_sample(grad_y, y_view, 0.4, d)
+            got = torch.ops.fastvae.gumbel_softmax_backward_from_sample(grad_y, y_view, torch.tensor([0.4]), d)
             expected = reference.gumbel_softmax_backward_from_sample(*as64(grad_y, y), 0.4, d)
             assert_close(got, expected, torch.float32)
 
@@ -152,8 +152,8 @@ def test_soft_backward_holds_only_the_sample(backend):
     requires(backend, *GUMBEL_OPS)
     logits = randn(6, 9, 4, requires_grad=True)
     y = fastvae.gumbel_softmax(logits, 0.5, dim=1, generator=_generator())
-    saved, = y.grad_fn.saved_tensors
-    assert saved.data_ptr() == y.data_ptr()
+    saved, tau = y.grad_fn.saved_tensors
+    assert saved.data_ptr() == y.data_ptr() and tau.numel() == 1
     weights = randn(6, 9, 4)
     expected = reference.gumbel_softmax_backward(*as64(weights, logits), _seed_tensor(), 0.5, 1)
     with torch.no_grad():
@@ -197,6 +197,49 @@ def test_gradient_equals_float64_autograd(backend, hard):
     soft = torch.softmax((x64 + noise) / 0.6, dim=1)
     expected, = torch.autograd.grad((soft * weights.double()).sum(), x64)
     assert_close(got, expected, torch.float32)
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("case", [((4, 6, 5), 1), ((3, 40), -1)], ids=_case_id)
+def test_tensor_tau_gradient_equals_float64_autograd(backend, hard, case):
+    """A learned temperature: tau's gradient (and the logits') against autograd of the
+    textbook formula softmax((x + g) / tau) in float64; masked classes included."""
+    requires(backend, *GUMBEL_OPS)
+    shape, dim = case
+    logits = randn(*shape, scale=2.0)
+    logits.select(dim, 1).fill_(NEG_INF)
+    logits.requires_grad_()
+    tau = torch.tensor(0.6, requires_grad=True)
+    weights = randn(*shape)
+    y = fastvae.gumbel_softmax(logits, tau, hard, dim=dim, generator=_generator())
+    got = torch.autograd.grad((y * weights).sum(), (logits, tau))
+    x64, tau64 = logits.detach().double().requires_grad_(), tau.detach().double().requires_grad_()
+    # masked classes as a large finite negative: y = 0 there, and autograd meets no inf / inf
+    moved = torch.where(torch.isinf(x64), -1e4, x64).movedim(dim, -1)
+    noise = reference.gumbel_stream(_seed_tensor(), moved.numel() // moved.shape[-1], moved.shape[-1], "cpu",
+                                    torch.float64).reshape(moved.shape)
+    soft = torch.softmax((moved + noise) / tau64, dim=-1).movedim(-1, dim)
+    expected = torch.autograd.grad((soft * weights.double()).sum(), (x64, tau64))
+    assert got[1].shape == tau.shape
+    assert_close(got[0], expected[0], torch.float32)
+    assert_close(got[1], expected[1], torch.float32, scale=4)  # a sum over every element
+
+
+def test_tensor_tau_values_and_no_host_read(backend):
+    """A tensor tau gives the float tau's sample, and is never read on the host (.item()
+    under fake tensors raises)."""
+    requires(backend, "gumbel_softmax")
+    logits = randn(5, 9)
+    for hard in (False, True):
+        expected = fastvae.gumbel_softmax(logits, 0.3, hard, generator=_generator())
+        torch.testing.assert_close(fastvae.gumbel_softmax(logits, torch.tensor([0.3]), hard, generator=_generator()),
+                                   expected)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        fake_logits = torch.empty(5, 9)
+        assert fastvae.gumbel_softmax(fake_logits, torch.full((), 0.3)).shape == (5, 9)
+    with pytest.raises(ValueError, match="tau"):
+        fastvae.gumbel_softmax(logits, torch.tensor([0.3, 0.4]))
 
 
 def test_argmax_frequencies_follow_softmax(backend):
@@ -345,7 +388,7 @@ def test_cuda_matches_reference(backend, dtype, hard):
     for shape, dim in [((64, 1000), -1), ((4, 33, 8, 8), 1), ((3, 70000), -1)]:
         logits = randn(*shape, dtype=dtype, device="cuda", requires_grad=True)
         seed = torch.tensor([42], dtype=torch.int64, device="cuda")
-        y = torch.ops.fastvae.gumbel_softmax(logits, seed, 0.5, hard, dim % len(shape))
+        y = torch.ops.fastvae.gumbel_softmax(logits, seed, torch.tensor([0.5]), hard, dim % len(shape))
         expected = reference.gumbel_softmax(logits.detach().double(), seed, 0.5, hard, dim % len(shape))
         if hard:
             assert torch.equal(y.double(), expected)

@@ -53,13 +53,8 @@ OPS = {
     "nearest_code": lambda: fastvae.nearest_code(torch.randn(30, 5), torch.randn(7, 5)),
     "vector_quantize": lambda: fastvae.vector_quantize(_leaf(30, 5), _leaf(7, 5)),
 }
-TAU_ITEM = pytest.mark.xfail(reason="tau.item() in ops/gumbel.py: a tensor tau is being reworked (issue 13)",
-                             strict=True)
-
-
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("op", [pytest.param(op, marks=TAU_ITEM) if op == "gumbel_softmax_tensor_tau" else op
-                                for op in OPS])
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
 def test_public_ops_make_no_host_sync(monkeypatch, backend_name, op, deterministic):
     torch.use_deterministic_algorithms(deterministic)

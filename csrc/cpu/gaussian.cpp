@@ -7,9 +7,10 @@
 // scratch array (half types, row-strided slices, broadcast priors). The block's noise is
 // generated group-parallel into scratch (it never reaches main memory), the arithmetic
 // runs over plain float arrays (gaussian_block.h), and each output is written once; the
-// sampling backward reads its inputs and writes its outputs in one pass (sample_grad_pass). A KL reduction keeps one float32 partial per block; the partials are
-// added in block order in double, so the result has the same bits run after run and
-// for any thread count.
+// sampling backward reads its inputs and writes its outputs in one pass (sample_grad_pass).
+// A KL reduction keeps one partial per block (per_sample: one per piece of a sample the
+// block holds); the partials are added in block order in double, so the result has the
+// same bits run after run and for any thread count.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -92,12 +93,12 @@ struct Output {
 };
 
 // Sum of values[0, len) in kLanes float32 lanes (a fixed order), lanes added in double.
-double block_sum(float* values, int64_t len) {
-  const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
-  std::fill(values + len, values + padded, 0.0f);
+double block_sum(const float* values, int64_t len) {
+  const int64_t whole = len / kLanes * kLanes;
   float lanes[kLanes] = {};
-  for (int64_t j = 0; j < padded; j += kLanes)
+  for (int64_t j = 0; j < whole; j += kLanes)
     for (int64_t l = 0; l < kLanes; ++l) lanes[l] += values[j + l];
+  for (int64_t j = whole; j < len; ++j) lanes[j - whole] += values[j];
   double total = 0.0;
   for (int64_t l = 0; l < kLanes; ++l) total += lanes[l];
   return total;
@@ -105,10 +106,11 @@ double block_sum(float* values, int64_t len) {
 
 using namespace gaussian_block;
 
-enum class Reduction { kNone, kSum, kMean, kBatchMean };
+enum class Reduction { kNone, kSum, kMean, kBatchMean, kPerSample };
 
 Reduction parse_reduction(const std::string& reduction) {
   if (reduction == "none") return Reduction::kNone;
+  if (reduction == "per_sample") return Reduction::kPerSample;
   if (reduction == "sum") return Reduction::kSum;
   if (reduction == "mean") return Reduction::kMean;
   TORCH_CHECK(reduction == "batchmean", "unknown reduction '", reduction, "'");
@@ -128,6 +130,52 @@ Rows prior_rows(const at::Tensor& t, bool prior, const at::Tensor& like) {
   if (!prior) return Rows{};
   return as_rows(t.defined() ? t : at::zeros({}, like.options()), like.sizes(), like.scalar_type());
 }
+
+// per_sample: the samples (of `inner` elements each) that block b's elements belong to, and
+// where their partial sums start in a buffer holding every block's in block order.
+struct SamplePieces {
+  int64_t inner;
+  std::vector<int64_t> offset;  // block b's pieces are [offset[b], offset[b + 1])
+
+  SamplePieces(int64_t n, int64_t inner_) : inner(inner_) {
+    const int64_t blocks = (n + kBlock - 1) / kBlock;
+    offset.assign(blocks + 1, 0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
+      offset[b + 1] = offset[b] + (end - 1) / inner - begin / inner + 1;
+    }
+  }
+
+  // The sums of values[0, len) (block elements begin ..) sample by sample, into partials.
+  void sum(int64_t block, int64_t begin, int64_t len, const float* values, double* partials) const {
+    double* out = partials + offset[block];
+    for (int64_t j = 0; j < len;) {
+      const int64_t piece = std::min(len - j, inner - (begin + j) % inner);
+      *out++ = block_sum(values + j, piece);
+      j += piece;
+    }
+  }
+
+  // The per-sample totals: each block's pieces added in block order, in double.
+  template <typename T>
+  void combine(const std::vector<double>& partials, int64_t samples, T* out) const {
+    std::vector<double> totals(samples, 0.0);
+    for (size_t b = 0; b + 1 < offset.size(); ++b) {
+      const int64_t first = static_cast<int64_t>(b) * kBlock / inner;
+      for (int64_t k = offset[b]; k < offset[b + 1]; ++k) totals[first + k - offset[b]] += partials[k];
+    }
+    for (int64_t s = 0; s < samples; ++s) out[s] = static_cast<T>(totals[s]);
+  }
+
+  // Block elements [begin, begin + len) of a per-sample gradient `grad` spread over their samples.
+  void spread(const float* grad, int64_t begin, int64_t len, float* values) const {
+    for (int64_t j = 0; j < len;) {
+      const int64_t piece = std::min(len - j, inner - (begin + j) % inner);
+      std::fill(values + j, values + j + piece, grad[(begin + j) / inner]);
+      j += piece;
+    }
+  }
+};
 
 // Runs body(begin, len, scratch) over all blocks in parallel; returns the block count.
 template <typename Body>
@@ -153,18 +201,28 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
   const auto dtype = fw.mu.scalar_type();
   const bool prior = fw.prior_mu.defined() || fw.prior_logvar.defined();
   at::Tensor z = fw.sample ? empty_output(shape, fw.mu.options()) : at::Tensor();
-  at::Tensor kl = fw.kl ? empty_output(fw.reduction == Reduction::kNone ? shape : at::IntArrayRef{}, fw.mu.options())
-                        : at::Tensor();
+  const bool per_sample = fw.reduction == Reduction::kPerSample;
+  const int64_t samples = per_sample ? shape[0] : 0;
+  at::Tensor kl;
+  if (fw.kl) {
+    kl = empty_output(fw.reduction == Reduction::kNone ? shape
+                      : per_sample                     ? shape.slice(0, 1)
+                                                       : at::IntArrayRef{},
+                      fw.mu.options());
+  }
+  const SamplePieces pieces(per_sample ? n : 0, samples ? std::max<int64_t>(n / samples, 1) : 1);
   const Rows mu_rows = as_rows(fw.mu, shape, dtype), lv_rows = as_rows(fw.logvar, shape, dtype);
   const Rows pm_rows = prior_rows(fw.prior_mu, prior, fw.mu), plv_rows = prior_rows(fw.prior_logvar, prior, fw.mu);
-  std::vector<double> partials(fw.kl && fw.reduction != Reduction::kNone ? (n + kBlock - 1) / kBlock : 0);
+  std::vector<double> partials(!fw.kl || fw.reduction == Reduction::kNone ? 0
+                               : per_sample ? pieces.offset.back()
+                                            : (n + kBlock - 1) / kBlock);
   FASTVAE_DISPATCH_FLOATS(dtype, "gaussian_forward", [&] {
     const Input<scalar_t> mu(mu_rows, cols), lv(lv_rows, cols), pm(pm_rows, cols), plv(plv_rows, cols);
     const Output<scalar_t> z_out{fw.sample ? z.data_ptr<scalar_t>() : nullptr};
     const Output<scalar_t> kl_out{fw.kl && fw.reduction == Reduction::kNone ? kl.data_ptr<scalar_t>() : nullptr};
     for_each_block(n, [&](int64_t block, int64_t begin, int64_t len) {
       alignas(64) float s_mu[kBlock], s_lv[kBlock], s_pm[kBlock], s_plv[kBlock], eps[kBlock], s_z[kBlock],
-          s_kl[kBlock + kLanes];
+          s_kl[kBlock];
       if (fw.sample) {  // float32 loads are deferred to the arithmetic, after the noise
         mu.prefetch(begin, begin + len);
         lv.prefetch(begin, begin + len);
@@ -190,9 +248,12 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
             [&](auto cheap) { return kl_prior<decltype(cheap)::value>(m, v, p_m, p_lv, klv, len); });
       }
       if (kl_out.data) kl_out.commit(begin, len, klv);
+      else if (per_sample) pieces.sum(block, begin, len, klv, partials.data());
       else if (fw.kl) partials[block] = block_sum(klv, len);
     });
-    if (fw.kl && fw.reduction != Reduction::kNone) {
+    if (per_sample) {
+      pieces.combine(partials, samples, kl.data_ptr<scalar_t>());
+    } else if (fw.kl && fw.reduction != Reduction::kNone) {
       double total = 0.0;
       for (const double partial : partials) total += partial;
       *kl.data_ptr<scalar_t>() = static_cast<scalar_t>(total / reduction_divisor(fw.reduction, fw.mu));
@@ -220,8 +281,13 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
   const bool sample = bw.grad_z.defined(), kl = bw.grad_kl.defined();
   const bool prior = bw.prior_mu.defined() || bw.prior_logvar.defined();
   const float scale = kl ? static_cast<float>(1.0 / reduction_divisor(bw.reduction, bw.logvar)) : 1.0f;
+  // per_sample: grad_kl holds one value per sample, spread over the sample's elements per block
+  const bool per_sample = kl && bw.reduction == Reduction::kPerSample;
+  const at::Tensor sample_grad = per_sample ? bw.grad_kl.to(at::kFloat).contiguous() : at::Tensor();
+  const SamplePieces pieces(0, per_sample && shape[0] ? std::max<int64_t>(n / shape[0], 1) : 1);
   auto rows_of = [&](const at::Tensor& t) { return t.defined() ? as_rows(t, shape, dtype) : Rows{}; };
-  const Rows gz_rows = rows_of(bw.grad_z), gk_rows = rows_of(bw.grad_kl), mu_rows = rows_of(bw.mu),
+  const Rows gz_rows = rows_of(bw.grad_z), gk_rows = per_sample ? Rows{} : rows_of(bw.grad_kl),
+             mu_rows = rows_of(bw.mu),
              lv_rows = rows_of(bw.logvar), z_rows = rows_of(bw.z);
   const Rows pm_rows = prior_rows(bw.prior_mu, prior, bw.logvar),
              plv_rows = prior_rows(bw.prior_logvar, prior, bw.logvar);
@@ -252,7 +318,9 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
         if (g_mu != nullptr) g_mu_out.commit(begin, len, g_mu);
       } else {
         if (sample) scaled_noise(bw.seed, begin, len, m, v, z_v, noise);
-        const float* g = gk.load(begin, begin + len, s_gk);
+        const float* g = s_gk;
+        if (per_sample) pieces.spread(sample_grad.data_ptr<float>(), begin, len, s_gk);
+        else g = gk.load(begin, begin + len, s_gk);
         float* g_mu = g_mu_out.view(begin, s_out[0]);
         if (sample) {
           with_cheap_exp_first([&](auto cheap) {

@@ -353,8 +353,16 @@ void run_gumbel(const GumbelProblem& p, const scalar_t* x, const scalar_t* grad,
 }
 
 // `x` is the logits, or the soft sample y for kBackwardFromSample (then `seed` is unused).
-at::Tensor gumbel(const at::Tensor& x_in, const at::Tensor* grad_y, uint64_t seed, double tau, Mode mode,
-                  int64_t dim) {
+// The temperature: a one-element CPU tensor (read here, no device to wait for).
+double read_tau(const at::Tensor& tau) {
+  TORCH_CHECK(tau.numel() == 1 && tau.is_floating_point(), "tau must be a one-element floating-point tensor");
+  check_cpu(tau, "tau");
+  return tau.item<double>();
+}
+
+at::Tensor gumbel(const at::Tensor& x_in, const at::Tensor* grad_y, uint64_t seed, const at::Tensor& tau_t,
+                  Mode mode, int64_t dim) {
+  const double tau = read_tau(tau_t);
   auto out = empty_output(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (x_in.numel() == 0) return out;
   at::Tensor x = x_in, grad = grad_y ? *grad_y : at::Tensor();
@@ -385,19 +393,19 @@ void check_grad_y(const at::Tensor& grad_y, const at::Tensor& like, const char* 
 
 }  // namespace
 
-at::Tensor gumbel_softmax(const at::Tensor& logits, const at::Tensor& seed, double tau, bool hard, int64_t dim) {
+at::Tensor gumbel_softmax(const at::Tensor& logits, const at::Tensor& seed, const at::Tensor& tau, bool hard, int64_t dim) {
   check_cpu(logits, "logits");
   return gumbel(logits, nullptr, read_seed(seed), tau, hard ? Mode::kHard : Mode::kSoft, dim);
 }
 
 at::Tensor gumbel_softmax_backward(const at::Tensor& grad_y, const at::Tensor& logits, const at::Tensor& seed,
-                                   double tau, int64_t dim) {
+                                   const at::Tensor& tau, int64_t dim) {
   check_cpu(logits, "logits");
   check_grad_y(grad_y, logits, "gumbel_softmax_backward: grad_y must have the logits' shape and dtype");
   return gumbel(logits, &grad_y, read_seed(seed), tau, Mode::kBackward, dim);
 }
 
-at::Tensor gumbel_softmax_backward_from_sample(const at::Tensor& grad_y, const at::Tensor& y, double tau,
+at::Tensor gumbel_softmax_backward_from_sample(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& tau,
                                                int64_t dim) {
   check_cpu(y, "y");
   check_grad_y(grad_y, y, "gumbel_softmax_backward_from_sample: grad_y must have y's shape and dtype");

@@ -9,7 +9,8 @@
 // row-strided slice or a broadcast prior is read in place; when every input is
 // contiguous and aligned, a group is one vector load. A KL reduction writes one float32
 // partial per block, and one block adds the partials in a fixed order (sum_kernel):
-// same input, same bits, no atomics. The seed stays on the device (read in the kernel):
+// same input, same bits, no atomics. The per_sample reduction's forward runs a grid of
+// (sample, chunk) blocks, each within one sample, and sums each sample's partials so. The seed stays on the device (read in the kernel):
 // no host sync, and the launch can be captured in a CUDA graph.
 #include "gaussian.h"
 
@@ -59,14 +60,18 @@ struct Args {
   float scale = 1.0f;             // backward: 1 / the reduction's divisor
   bool flat = false;              // inputs contiguous and 4-element aligned: index i, vector loads
   bool reduce = false;            // forward: KL summed; backward: grad_kl is one scalar
+  // per_sample: forward, block b takes chunk b % chunks of sample b / chunks; backward,
+  // grad_kl holds one value per sample (contiguous). A sample has `inner` elements.
+  bool per_sample = false;
+  int64_t inner = 1, chunks = 1;
 };
 
-// The group's elements of `in` (those below n) as float32. (row, col) is element i's place
-// in the matrix view; only the strided path uses it.
+// The elements i .. i + 3 of `in` (those below end) as float32. (row, col) is element i's
+// place in the matrix view; only the strided path uses it.
 template <typename T>
-__device__ __forceinline__ void load4(const In<T>& in, const Args<T>& a, int64_t i, int64_t row, int64_t col,
-                                      float x[4]) {
-  if (a.flat && i + 4 <= a.n) {
+__device__ __forceinline__ void load4(const In<T>& in, const Args<T>& a, int64_t i, int64_t end, int64_t row,
+                                      int64_t col, float x[4]) {
+  if (a.flat && i + 4 <= end && i % 4 == 0) {
     const Vec4<T> v = *reinterpret_cast<const Vec4<T>*>(in.data + i);
 #pragma unroll
     for (int j = 0; j < 4; ++j) x[j] = static_cast<float>(v.v[j]);
@@ -75,7 +80,7 @@ __device__ __forceinline__ void load4(const In<T>& in, const Args<T>& a, int64_t
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int64_t offset = a.flat ? i + j : row * in.row_stride + col * in.col_stride;
-    x[j] = i + j < a.n ? static_cast<float>(in.data[offset]) : 0.0f;
+    x[j] = i + j < end ? static_cast<float>(in.data[offset]) : 0.0f;
     if (++col == a.cols) {  // the group runs on into the next row
       col = 0;
       ++row;
@@ -83,10 +88,10 @@ __device__ __forceinline__ void load4(const In<T>& in, const Args<T>& a, int64_t
   }
 }
 
-// Outputs are fresh contiguous tensors, so always aligned: a full group is one vector store.
+// Outputs are fresh contiguous tensors, so aligned where i is: a full group is one vector store.
 template <typename T>
 __device__ __forceinline__ void store4(T* out, int64_t i, int64_t n, const float x[4]) {
-  if (i + 4 <= n) {
+  if (i + 4 <= n && i % 4 == 0) {
     Vec4<T> v;
 #pragma unroll
     for (int j = 0; j < 4; ++j) v.v[j] = static_cast<T>(x[j]);
@@ -116,30 +121,55 @@ __device__ __forceinline__ float block_sum(float value) {
   return value;
 }
 
+// eps[j] = the noise of element i + j: lane (i + j) % 4 of Philox group (i + j) / 4, so an
+// unaligned i (a per_sample chunk) takes two groups.
+__device__ __forceinline__ void noise4(uint64_t seed, int64_t i, float eps[4]) {
+  if (i % 4 == 0) return normal4(seed, static_cast<uint64_t>(i / 4), eps);
+  float both[8];
+  normal4(seed, static_cast<uint64_t>(i / 4), both);
+  normal4(seed, static_cast<uint64_t>(i / 4 + 1), both + 4);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) eps[j] = both[i % 4 + j];
+}
+
 template <typename T, bool kBackward, bool kSample, bool kKL, bool kPrior>
 __global__ void __launch_bounds__(kThreads) gaussian_kernel(const Args<T> a) {
-  const int64_t group = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x, i = 4 * group;
-  const bool active = i < a.n;  // no early return: a reduction's block_sum needs every thread
+  // i: the thread's first element; end: where its elements stop (the tensor's or, for a
+  // per_sample forward, its sample's end)
+  int64_t i, end = a.n;
+  bool active;  // no early return: a reduction's block_sum needs every thread
+  if (!kBackward && a.per_sample) {
+    const int64_t sample = blockIdx.x / a.chunks, local = (blockIdx.x % a.chunks) * kBlock + 4 * threadIdx.x;
+    i = sample * a.inner + local;
+    end = i - local + a.inner;
+    active = local < a.inner;
+  } else {
+    i = 4 * (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x);
+    active = i < a.n;
+  }
   const int64_t row = a.flat || !active ? 0 : i / a.cols, col = a.flat || !active ? 0 : i - row * a.cols;
   float kl_sum = 0.0f;
   if (active) {
     float m[4] = {};  // stays zero where a lone sample's backward does not load it
     float v[4], pm[4], plv[4], eps[4], gz[4], gk[4], res[kSlots][4];
-    load4(a.in[kLogvar], a, i, row, col, v);
-    if constexpr (kKL || !kBackward) load4(a.in[kMu], a, i, row, col, m);
+    load4(a.in[kLogvar], a, i, end, row, col, v);
+    if constexpr (kKL || !kBackward) load4(a.in[kMu], a, i, end, row, col, m);
     if constexpr (kPrior) {
-      load4(a.in[kPriorMu], a, i, row, col, pm);
-      load4(a.in[kPriorLogvar], a, i, row, col, plv);
+      load4(a.in[kPriorMu], a, i, end, row, col, pm);
+      load4(a.in[kPriorLogvar], a, i, end, row, col, plv);
     }
-    if constexpr (kSample) normal4(static_cast<uint64_t>(*a.seed), static_cast<uint64_t>(group), eps);
-    if constexpr (kBackward && kSample) load4(a.in[kGradZ], a, i, row, col, gz);
+    if constexpr (kSample) noise4(static_cast<uint64_t>(*a.seed), i, eps);
+    if constexpr (kBackward && kSample) load4(a.in[kGradZ], a, i, end, row, col, gz);
     if constexpr (kBackward && kKL) {
-      if (a.reduce) {
+      if (a.per_sample) {  // one gradient per sample, shared by its elements
+#pragma unroll
+        for (int j = 0; j < 4; ++j) gk[j] = i + j < end ? static_cast<float>(a.in[kGradKL].data[(i + j) / a.inner]) : 0.0f;
+      } else if (a.reduce) {
         const float scalar = static_cast<float>(*a.in[kGradKL].data);
 #pragma unroll
         for (int j = 0; j < 4; ++j) gk[j] = scalar;
       } else {
-        load4(a.in[kGradKL], a, i, row, col, gk);
+        load4(a.in[kGradKL], a, i, end, row, col, gk);
       }
     }
 #pragma unroll
@@ -164,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) gaussian_kernel(const Args<T> a) {
         if constexpr (kKL) {
           res[kKL][j] = 0.5f * (kPrior ? plv[j] - v[j] + (var + diff * diff) * inv_prior_var - 1.0f
                                        : var + m[j] * m[j] - 1.0f - v[j]);
-          if (i + j < a.n) kl_sum += res[kKL][j];
+          if (i + j < end) kl_sum += res[kKL][j];
         }
       }
     }
@@ -176,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) gaussian_kernel(const Args<T> a) {
         store4(a.out[kGradPriorLogvar], i, a.n, res[kGradPriorLogvar]);
       }
     } else {
-      if constexpr (kSample) store4(a.out[kZ], i, a.n, res[kZ]);
+      if constexpr (kSample) store4(a.out[kZ], i, end, res[kZ]);
       if (kKL && !a.reduce) store4(a.out[kKL], i, a.n, res[kKL]);
     }
   }
@@ -186,10 +216,13 @@ __global__ void __launch_bounds__(kThreads) gaussian_kernel(const Args<T> a) {
   }
 }
 
-// out = (sum of the partials) / divisor: strided per-thread sums, then a fixed tree.
+// out[b] = (sum of the partials[b * count, (b + 1) * count)) / divisor, block b: strided
+// per-thread sums, then a fixed tree.
 template <typename T>
 __global__ void __launch_bounds__(kSumThreads)
     sum_kernel(const float* partials, int64_t count, float divisor, T* out) {
+  partials += static_cast<int64_t>(blockIdx.x) * count;
+  out += blockIdx.x;
   float sum = 0.0f;
   for (int64_t k = threadIdx.x; k < count; k += kSumThreads) sum += partials[k];
   sum = block_sum<kSumThreads>(sum);
@@ -239,10 +272,13 @@ std::array<at::Tensor, kSlots> run(const Call& c) {
   const c10::cuda::CUDAGuard guard(like.device());
   const auto shape = like.sizes();
   const auto dtype = like.scalar_type();
-  const int64_t n = like.numel(), blocks = (n + kBlock - 1) / kBlock;
+  const int64_t n = like.numel();
   const bool sample = c.seed.defined(), prior = c.in[kPriorMu].defined() || c.in[kPriorLogvar].defined();
-  const bool reduce = c.kl && c.reduction != "none";
-  const double divisor = reduction_divisor(c.reduction, like);
+  const bool per_sample = c.kl && c.reduction == "per_sample", reduce = c.kl && c.reduction != "none";
+  const int64_t samples = per_sample ? shape[0] : 1, inner = samples ? n / samples : 0;
+  const int64_t chunks = (inner + kBlock - 1) / kBlock;
+  const int64_t blocks = per_sample && !c.backward ? samples * chunks : (n + kBlock - 1) / kBlock;
+  const double divisor = per_sample ? 1.0 : reduction_divisor(c.reduction, like);
   if (sample) {
     TORCH_CHECK(c.seed.numel() == 1 && c.seed.scalar_type() == at::kLong && c.seed.device() == like.device(),
                 "seed must be a one-element int64 tensor on ", like.device());
@@ -259,6 +295,9 @@ std::array<at::Tensor, kSlots> run(const Call& c) {
     a.n = n;
     a.cols = shape.empty() ? 1 : shape.back();
     a.reduce = reduce;
+    a.per_sample = per_sample;
+    a.inner = std::max<int64_t>(inner, 1);
+    a.chunks = std::max<int64_t>(chunks, 1);
     a.scale = static_cast<float>(1.0 / divisor);
     a.flat = true;
     // A prior given by one half has mean 0 or log-variance 0 for the other.
@@ -269,8 +308,8 @@ std::array<at::Tensor, kSlots> run(const Call& c) {
       if (!c.in[k].defined() && !missing_prior) continue;
       const at::Tensor& t = missing_prior ? zero : c.in[k];
       TORCH_CHECK(t.device() == like.device(), "fastvae CUDA kernel: every input must be on ", like.device());
-      if (k == kGradKL && reduce) {  // the gradient of a reduced KL: one scalar, read once
-        inputs.push_back(t.to(dtype));
+      if (k == kGradKL && reduce) {  // the gradient of a reduced KL: a scalar, or one per sample
+        inputs.push_back(t.to(dtype).contiguous());
         a.in[k].data = inputs.back().const_data_ptr<scalar_t>();
         continue;
       }
@@ -291,9 +330,9 @@ std::array<at::Tensor, kSlots> run(const Call& c) {
                                                : kernel_for<scalar_t, false>(sample, c.kl, prior);
     launch(kernel, blocks, kThreads, a);
     if (partials.defined()) {  // also for an empty input: 0 / divisor (NaN for an empty batch)
-      out[kKL] = at::empty({}, like.options());
-      launch(sum_kernel<scalar_t>, 1, kSumThreads, a.partials, blocks, static_cast<float>(divisor),
-             out[kKL].mutable_data_ptr<scalar_t>());
+      out[kKL] = per_sample ? at::empty({samples}, like.options()) : at::empty({}, like.options());
+      launch(sum_kernel<scalar_t>, samples, kSumThreads, a.partials, per_sample ? chunks : blocks,
+             static_cast<float>(divisor), out[kKL].mutable_data_ptr<scalar_t>());
     }
   }), at::kFloat, at::kHalf, at::kBFloat16);
   return out;

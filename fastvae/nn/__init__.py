@@ -3,9 +3,10 @@
 One module per op column (``gaussian``, ``gumbel``, ``vq``); every layer is importable as
 ``fastvae.nn.<Name>``.
 """
-from .gaussian import GaussianKL, Reparameterize
-from .gumbel import GumbelSoftmax
+from .gaussian import DiagonalGaussian, GaussianKL, Reparameterize
+from .gumbel import GumbelQuantizer, GumbelSoftmax
 from .residual_vq import ResidualVectorQuantizer
 from .vq import VectorQuantizer
 
-__all__ = ["Reparameterize", "GaussianKL", "GumbelSoftmax", "VectorQuantizer", "ResidualVectorQuantizer"]
+__all__ = ["Reparameterize", "GaussianKL", "DiagonalGaussian", "GumbelSoftmax", "GumbelQuantizer", "VectorQuantizer",
+           "ResidualVectorQuantizer"]

@@ -1,7 +1,10 @@
-"""Gumbel column layers: the Gumbel-Softmax sample."""
+"""Gumbel column layers: the Gumbel-Softmax sample and the Gumbel quantizer (taming
+``GumbelQuantize``, DALL-E dVAE)."""
+import torch
 from torch import nn
 
 from .. import ops
+from ..ops.gumbel import one_hot_codes
 
 
 class GumbelSoftmax(nn.Module):
@@ -19,3 +22,69 @@ class GumbelSoftmax(nn.Module):
 
     def extra_repr(self):
         return f"tau={self.tau}, hard={self.hard}, dim={self.dim}"
+
+
+class GumbelQuantizer(nn.Module):
+    """Discrete bottleneck by Gumbel-Softmax over ``num_codes`` codes of size ``dim``.
+
+    ``forward(x)``, ``x`` with ``in_channels`` features along ``channel_dim`` (``(B, C, H, W)``
+    by default), returns ``(quantized, indices, loss)``:
+
+    * ``logits = proj(x)``, a linear projection of the features to ``num_codes`` logits at
+      every position (taming's 1x1 convolution);
+    * training: ``y = gumbel_softmax(logits, tau, hard=straight_through)`` over the codes,
+      ``quantized = sum_k y_k * embed.weight[k]`` (``dim`` features along ``channel_dim``),
+      ``indices = argmax_k y_k``;
+    * ``eval()``: ``indices = argmax_k logits`` (no noise, as DALL-E's tokenizer) and
+      ``quantized`` is those codes;
+    * ``loss = kl_weight * KL(softmax(logits) || uniform)``, the KL summed over codes and
+      averaged over positions (taming's ``diff``), by :func:`fastvae.categorical_kl`.
+
+    ``tau`` is a plain attribute (set it between steps to anneal), or with
+    ``learn_tau=True`` a parameter trained by gradient. Submodules are named as taming's
+    (``proj``, ``embed``). ``taming_outputs=True`` returns taming's
+    ``(quantized, loss, (None, None, indices))`` instead, for code written against it.
+    Deliberate differences from taming: eval takes the argmax without noise (taming
+    samples a hard code with noise), the KL has no ``+ 1e-10`` inside its log, and
+    ``proj`` is an ``nn.Linear`` (a taming checkpoint's ``proj.weight`` of shape
+    ``(K, C, 1, 1)`` loads after ``.flatten(1)``).
+    """
+
+    def __init__(self, in_channels, num_codes, dim, *, tau=1.0, straight_through=True, kl_weight=5e-4,
+                 learn_tau=False, channel_dim=1, taming_outputs=False, device=None, dtype=None):
+        super().__init__()
+        if min(in_channels, num_codes, dim) < 1:
+            raise ValueError(f"in_channels, num_codes and dim must be positive, got {in_channels}, {num_codes}, {dim}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.num_codes, self.dim, self.channel_dim = in_channels, num_codes, dim, channel_dim
+        self.straight_through, self.kl_weight, self.taming_outputs = straight_through, kl_weight, taming_outputs
+        self.proj = nn.Linear(in_channels, num_codes, **factory)
+        self.embed = nn.Embedding(num_codes, dim, **factory)
+        self.tau = nn.Parameter(torch.tensor(float(tau), **factory)) if learn_tau else tau
+
+    def forward(self, x):
+        if x.shape[self.channel_dim] != self.in_channels:
+            raise ValueError(f"x has {x.shape[self.channel_dim]} features along channel_dim={self.channel_dim}, "
+                             f"but the quantizer takes in_channels={self.in_channels}")
+        # Channel-last throughout: the projection, the sample and the mixing need no transposed copy.
+        logits = self.proj(x.movedim(self.channel_dim, -1))
+        if self.training:
+            sample = ops.gumbel_softmax(logits, self.tau, hard=self.straight_through, dim=-1)
+            indices = sample.argmax(dim=-1)
+            if self.straight_through:
+                quantized = one_hot_codes(sample, indices, self.embed.weight)
+            else:
+                quantized = sample @ self.embed.weight
+        else:
+            indices = logits.argmax(dim=-1)
+            quantized = self.embed(indices)
+        loss = self.kl_weight * ops.categorical_kl(logits, dim=-1, reduction="mean")
+        quantized = quantized.movedim(-1, self.channel_dim)
+        if self.taming_outputs:
+            return quantized, loss, (None, None, indices)
+        return quantized, indices, loss
+
+    def extra_repr(self):
+        return (f"in_channels={self.in_channels}, num_codes={self.num_codes}, dim={self.dim}, tau={self.tau}, "
+                f"straight_through={self.straight_through}, kl_weight={self.kl_weight}, "
+                f"channel_dim={self.channel_dim}")

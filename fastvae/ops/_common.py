@@ -145,9 +145,9 @@ def check_flag(name, value):
     return bool(value)
 
 
-def check_reduction(reduction):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+def check_reduction(reduction, choices=REDUCTIONS):
+    if reduction not in choices:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, choices))}, got {reduction!r}")
 
 
 def check_dim(name, dim, ndim):

@@ -2,7 +2,12 @@
 import torch
 
 from .. import reference
-from ._common import OpFunction, apply, check_float, check_like, check_reduction, define, draw_seed, needs_autograd
+from ._common import (REDUCTIONS, OpFunction, apply, check_float, check_like, check_reduction, define, draw_seed,
+                      needs_autograd)
+
+# "per_sample": one KL per sample, the sum over every dimension but the first (the
+# latent-diffusion / diffusers posterior's kl()).
+GAUSSIAN_REDUCTIONS = REDUCTIONS + ("per_sample",)
 
 
 def _like(t):
@@ -10,6 +15,8 @@ def _like(t):
 
 
 def _kl_out(mu, reduction):
+    if reduction == "per_sample":
+        return mu.new_empty(mu.shape[:1])
     return mu.new_empty(mu.shape if reduction == "none" else ())
 
 
@@ -103,6 +110,12 @@ class _ReparameterizeKL(OpFunction):
         return g_mu, g_logvar, None, None
 
 
+def _check_reduction(reduction, mu):
+    check_reduction(reduction, GAUSSIAN_REDUCTIONS)
+    if reduction == "per_sample" and mu.dim() == 0:
+        raise ValueError("reduction='per_sample' sums over every dimension but the first: mu must have at least one")
+
+
 def _check_pair(mu, logvar):
     check_float("mu", mu)
     check_like("logvar", logvar, "mu", mu)
@@ -148,11 +161,13 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
     The prior is N(0, I) where both prior arguments are None (a missing one means mean 0
     or log-variance 0); the priors broadcast against ``mu`` and receive gradients, as in
     hierarchical VAEs with a learned prior. ``reduction``: ``"none"`` (elementwise),
-    ``"sum"``, ``"mean"`` (over all elements) or ``"batchmean"`` (sum / ``mu.shape[0]``).
+    ``"sum"``, ``"mean"`` (over all elements), ``"batchmean"`` (sum / ``mu.shape[0]``) or
+    ``"per_sample"`` (shape ``(mu.shape[0],)``: the sum over every other dimension,
+    computed without the elementwise tensor).
     Accumulates in float32; returns ``mu``'s dtype.
     """
     _check_pair(mu, logvar)
-    check_reduction(reduction)
+    _check_reduction(reduction, mu)
     prior_mu = _check_prior("prior_mu", prior_mu, mu)
     prior_logvar = _check_prior("prior_logvar", prior_logvar, mu)
     if needs_autograd(mu, logvar, prior_mu, prior_logvar):
@@ -164,7 +179,7 @@ def reparameterize_kl(mu, logvar, *, reduction="batchmean", generator=None):
     """``(z, kl)`` from one pass over ``mu`` and ``logvar``: the sample of
     :func:`reparameterize` and the KL to N(0, I) of :func:`gaussian_kl`."""
     _check_pair(mu, logvar)
-    check_reduction(reduction)
+    _check_reduction(reduction, mu)
     seed = draw_seed(mu.device, generator)
     if needs_autograd(mu, logvar):
         return apply(_ReparameterizeKL, mu, logvar, seed, reduction)

@@ -12,13 +12,16 @@ def _categorical_kl_fake(logits, prior_logits, dim, reduction):
     return logits.new_empty(logits.shape[:dim] + logits.shape[dim + 1:])
 
 
-_gumbel_softmax = define("gumbel_softmax(Tensor logits, Tensor seed, float tau, bool hard, int dim) -> Tensor",
+# tau is a one-element tensor on the logits' device (float64 for float64 logits, else
+# float32) that the kernels read from memory: a learned or annealed temperature costs no
+# host sync and no recompilation.
+_gumbel_softmax = define("gumbel_softmax(Tensor logits, Tensor seed, Tensor tau, bool hard, int dim) -> Tensor",
                          lambda logits, seed, tau, hard, dim: logits.new_empty(logits.shape))
 _gumbel_softmax_backward = define(
-    "gumbel_softmax_backward(Tensor grad_y, Tensor logits, Tensor seed, float tau, int dim) -> Tensor",
+    "gumbel_softmax_backward(Tensor grad_y, Tensor logits, Tensor seed, Tensor tau, int dim) -> Tensor",
     lambda grad_y, logits, seed, tau, dim: logits.new_empty(logits.shape), reference.gumbel_softmax_backward)
 _gumbel_softmax_backward_from_sample = define(
-    "gumbel_softmax_backward_from_sample(Tensor grad_y, Tensor y, float tau, int dim) -> Tensor",
+    "gumbel_softmax_backward_from_sample(Tensor grad_y, Tensor y, Tensor tau, int dim) -> Tensor",
     lambda grad_y, y, tau, dim: y.new_empty(y.shape), reference.gumbel_softmax_backward_from_sample)
 _categorical_kl = define("categorical_kl(Tensor logits, Tensor? prior_logits, int dim, str reduction) -> Tensor",
                          _categorical_kl_fake)
@@ -36,25 +39,39 @@ class _GumbelSoftmax(OpFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, y):
-        logits, seed, ctx.tau, ctx.hard, ctx.dim = inputs
+        logits, seed, tau, ctx.hard, ctx.dim = inputs
         if ctx.hard:
             # A one-hot output cannot give the soft sample back: keep what regenerates it.
-            ctx.save_for_backward(logits, seed)
+            ctx.save_for_backward(logits, seed, tau)
         else:
             # The output is the soft sample, so backward is a plain softmax backward from it:
             # no noise to regenerate, no exp, and nothing stored beyond the output itself.
             # (Differentiating that backward goes through y back into this Function.)
-            ctx.save_for_backward(y)
+            ctx.save_for_backward(y, tau)
 
     @staticmethod
     def backward(ctx, grad_y):
         if ctx.hard:
-            logits, seed = ctx.saved_tensors
-            grad = _gumbel_softmax_backward(grad_y, logits, seed, ctx.tau, ctx.dim)
+            logits, seed, tau = ctx.saved_tensors
+            grad = _gumbel_softmax_backward(grad_y, logits, seed, tau, ctx.dim)
         else:
-            y, = ctx.saved_tensors
-            grad = _gumbel_softmax_backward_from_sample(grad_y, y, ctx.tau, ctx.dim)
-        return grad, None, None, None, None
+            y, tau = ctx.saved_tensors
+            grad = _gumbel_softmax_backward_from_sample(grad_y, y, tau, ctx.dim)
+        grad_tau = None
+        if ctx.needs_input_grad[2]:
+            soft = _gumbel_softmax(logits, seed, tau, False, ctx.dim) if ctx.hard else y
+            grad_tau = _tau_gradient(grad, soft, tau)
+        return grad, None, grad_tau, None, None
+
+
+def _tau_gradient(grad_logits, y, tau):
+    """d loss / d tau from the logits' gradient and the soft sample y = softmax(s),
+    s = (logits + g) / tau: d y / d tau = -(y / tau)(s - sum(y s)), so the gradient is
+    -sum(grad_logits * s); each row of grad_logits sums to 0, so s may be replaced by
+    log y = s - logsumexp(s) (0 where y = 0: masked classes have no gradient)."""
+    ct = tau.dtype
+    log_y = torch.where(y > 0, torch.log(y.to(ct)), torch.zeros((), dtype=ct, device=y.device))
+    return -(grad_logits.to(ct) * log_y).sum().reshape(tau.shape)
 
 
 class _CategoricalKL(OpFunction):
@@ -105,18 +122,47 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     uniform distribution over the unmasked classes.
     ``tau``: a finite number > 0 (a Python or NumPy scalar, or a one-element floating-point
     tensor); ``hard``: a bool, NumPy bool or int.
+    ``tau`` may also be a one-element floating-point tensor on the logits' device (a learned
+    temperature: one that requires grad receives its gradient; the kernels read it from
+    memory, so there is no host sync, and its value is not checked, which would be one).
+    ``hard``: a bool, NumPy bool or int.
     """
     dim = _check_logits(logits, dim)
-    if isinstance(tau, torch.Tensor) and not tau.is_floating_point():
-        raise TypeError(f"tau must be a number or a floating-point tensor, got a {tau.dtype} tensor; pass tau.float()")
-    if isinstance(tau, torch.Tensor) and tau.numel() == 1:
-        tau = tau.item()  # an annealed temperature kept in a tensor
-    tau = check_real("tau", tau, minimum=0.0, inclusive=False)
+    tau = _tau_tensor(tau, logits)
     hard = check_flag("hard", hard)
     seed = draw_seed(logits.device, generator)
-    if needs_autograd(logits):
+    if needs_autograd(logits, tau):
         return apply(_GumbelSoftmax, logits, seed, tau, hard, dim)
     return _gumbel_softmax(logits, seed, tau, hard, dim)
+
+
+_TAU_CACHE = {}  # (value, device, dtype) -> its tensor, reused by calls with a constant tau
+_TAU_CACHE_SIZE = 64
+
+
+def _tau_tensor(tau, logits):
+    """tau as the one-element tensor the kernels read (see the op schemas above). A tensor
+    tau keeps its autograd history; its value is not checked (that would be a host sync)."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if isinstance(tau, torch.Tensor):
+        if not tau.is_floating_point():
+            raise TypeError(f"tau must be a number or a floating-point tensor, got a {tau.dtype} tensor; "
+                            "pass tau.float()")
+        if tau.numel() != 1:
+            raise ValueError(f"tau as a tensor must have one element, got shape {tuple(tau.shape)}")
+        if tau.device != logits.device:
+            raise ValueError(f"tau is on {tau.device} but logits is on {logits.device}; put tau on the logits' device")
+        return tau.reshape(1).to(dtype)
+    tau = check_real("tau", tau, minimum=0.0, inclusive=False)
+    if torch.compiler.is_compiling():
+        return torch.full((1,), float(tau), dtype=dtype, device=logits.device)
+    key = (float(tau), logits.device, dtype)
+    cached = _TAU_CACHE.get(key)
+    if cached is None:
+        if len(_TAU_CACHE) >= _TAU_CACHE_SIZE:  # an annealing schedule: a new value every step
+            _TAU_CACHE.clear()
+        cached = _TAU_CACHE[key] = torch.full((1,), float(tau), dtype=dtype, device=logits.device)
+    return cached
 
 
 def categorical_kl(logits, prior_logits=None, *, dim=-1, reduction="batchmean"):
@@ -148,3 +194,32 @@ def categorical_kl(logits, prior_logits=None, *, dim=-1, reduction="batchmean"):
     if needs_autograd(logits, prior_logits):
         return apply(_CategoricalKL, logits, prior_logits, dim, reduction)
     return _categorical_kl(logits, prior_logits, dim, reduction)
+
+
+class _OneHotCodes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, one_hot, indices, codebook):
+        ctx.save_for_backward(indices, codebook)
+        return codebook[indices]
+
+    @staticmethod
+    def backward(ctx, grad):
+        indices, codebook = ctx.saved_tensors
+        flat_grad = grad.reshape(-1, codebook.shape[1])
+        grad_one_hot = grad_codebook = None
+        if ctx.needs_input_grad[0]:
+            grad_one_hot = (flat_grad @ codebook.t().to(grad.dtype)).reshape(indices.shape + codebook.shape[:1])
+        if ctx.needs_input_grad[2]:
+            grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
+            grad_codebook.index_add_(0, indices.reshape(-1), flat_grad.float())
+            grad_codebook = grad_codebook.to(codebook.dtype)
+        return grad_one_hot, None, grad_codebook
+
+
+def one_hot_codes(one_hot, indices, codebook):
+    """``one_hot @ codebook`` for a one-hot ``one_hot`` (``(..., K)``, e.g. a hard
+    Gumbel-Softmax sample carrying a straight-through gradient) whose ones are at
+    ``indices`` (``(...)``): the same values and gradients, but the forward is a gather
+    and the codebook's gradient an index_add, not two ``(N, K, D)`` matrix products, and
+    the one-hot is not kept for backward."""
+    return _OneHotCodes.apply(one_hot, indices, codebook)
