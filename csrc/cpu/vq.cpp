@@ -509,11 +509,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_quantize(const at::Tenso
         for (int64_t i = 0; i < rows * d; ++i) residual[i] = static_cast<float>(xp[begin * d + i]);
         std::fill(qp + begin * d, qp + end * d, 0.f);
         for (int64_t r = 0; r < stages; ++r) {
-          search_block(books[r], residual.data(), rows, pad, state.data());
+          const bool expand = books[r].norms_finite;  // see search(): non-finite codebooks scan exactly
+          if (expand) search_block(books[r], residual.data(), rows, pad, state.data());
           for (int64_t row = 0; row < rows; ++row) {
             const int64_t i = begin + row;
             float* res = residual.data() + row * d;
-            finish_row(books[r], res, state[row], idx + i * stages + r, sq_dist.data() + i * stages + r);
+            finish_row(books[r], res, expand ? &state[row] : nullptr, idx + i * stages + r,
+                       sq_dist.data() + i * stages + r);
             const float* e = books[r].code(idx[i * stages + r]);
             for (int64_t j = 0; j < d; ++j) res[j] -= e[j], qp[i * d + j] += e[j];
           }
