@@ -3,23 +3,31 @@
     python -m pip install nox && python -m nox -s bench   # the benchmark suite, printing its tables
     python -m pip install nox && python -m nox -s tests   # the test suite
     python -m nox -s gpu                                    # on a CUDA machine: gpu tests + GPU benchmarks
+    python -m pip install nox && python -m nox -s wheel   # the wheel, tested at the baseline level
 
 Both reuse a torch that is already installed (the venv sees the system site-packages);
 where none is, they install ``torch==2.13.0`` (on the project's CPU machines the local
 CPU build), never an unpinned torch. The extension is built with --no-build-isolation
 against that torch.
 """
+import glob
+import os
+
 import nox
 
 nox.options.default_venv_backend = "venv"
 TORCH_PIN = "torch==2.13.0"
 
 
-def _install(session, extras):
+def _install_requirements(session, extras):
     probe = "import importlib.util; print('torch' if importlib.util.find_spec('torch') else 'none')"
     if "torch" not in session.run("python", "-c", probe, silent=True):
         session.install(TORCH_PIN)
     session.install("numpy", "setuptools", "wheel", "pybind11", "ninja", *extras)
+
+
+def _install(session, extras):
+    _install_requirements(session, extras)
     session.install("--no-build-isolation", "-e", ".")
     session.run("python", "-c", "import fastvae; print('fastvae backends:', fastvae.available_backends())")
 
@@ -46,3 +54,22 @@ def gpu(session):
     See benchmarks/gpu_check.py."""
     session.install("--no-build-isolation", "--no-deps", "-e", ".")
     session.run("python", "benchmarks/gpu_check.py", *session.posargs)
+
+
+@nox.session(venv_params=["--system-site-packages"], default=False)  # slow: only when asked for
+def wheel(session):
+    """Build the wheel a user installs, install it, and run the native op tests from the
+    installed copy with FASTVAE_CPU_ISA=baseline: the portable kernels that any CPU of the
+    architecture runs must import and pass. Slow (all levels are compiled): not part of `tests`."""
+    _install_requirements(session, ["pytest", "scipy"])
+    wheel_dir = session.create_tmp()
+    for old in glob.glob(os.path.join(wheel_dir, "fastvae-*.whl")):
+        os.remove(old)
+    session.run("python", "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", wheel_dir, ".")
+    session.install("--no-deps", "--force-reinstall", *glob.glob(os.path.join(wheel_dir, "fastvae-*.whl")))
+    tests = [os.path.abspath(os.path.join("tests", name))
+             for name in ("test_gaussian.py", "test_gumbel.py", "test_vq.py", "test_rng.py", "test_isa.py")]
+    session.chdir(wheel_dir)  # out of the source tree: `import fastvae` finds the installed wheel
+    env = {"FASTVAE_CPU_ISA": "baseline"}
+    session.run("python", "-m", "fastvae", env=env)
+    session.run("python", "-m", "pytest", *tests, "-q", "-k", "native or isa", "-p", "no:cacheprovider", env=env)

@@ -31,6 +31,10 @@ def _backend_lines():
             continue
         ops = _backend.implementations(name)
         yield f"{name}: runs {', '.join(devices)}; {len(ops)} of {len(_backend.OPS)} backend functions"
+        if name == "native":
+            native = backend.module()
+            yield (f"  CPU level: {native.LEVEL} (this CPU runs {', '.join(native.runnable_levels())}; "
+                   f"FASTVAE_CPU_ISA={os.environ.get('FASTVAE_CPU_ISA', 'unset')})")
 
 
 def _cpu_flags():

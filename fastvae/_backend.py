@@ -99,12 +99,12 @@ def _triton_devices():
 
 
 def _native_devices():
-    return set(importlib.import_module("fastvae._C").devices())
+    return set(importlib.import_module("fastvae._native").devices())
 
 
 def _native_device_ops():
     # A CUDA build has CUDA kernels for some ops only; its CPU kernels cover every op.
-    return {"cuda": frozenset(importlib.import_module("fastvae._C").cuda_ops())}
+    return {"cuda": frozenset(importlib.import_module("fastvae._native").cuda_ops())}
 
 
 _BACKENDS = {}
@@ -119,8 +119,8 @@ def _register(name, module, devices, dtypes, hint, device_ops=None, device_guard
 
 _register("triton", "fastvae.kernels", _triton_devices, KERNEL_DTYPES,
           "needs the triton package, and TRITON_INTERPRET=1 for CPU tensors", device_guard=True)
-_register("native", "fastvae._C", _native_devices, KERNEL_DTYPES,
-          "the compiled extension fastvae._C was not built; reinstall with a C++ compiler present",
+_register("native", "fastvae._native", _native_devices, KERNEL_DTYPES,
+          "the compiled extension fastvae._C_<level> was not built or does not load; reinstall with a C++ compiler",
           _native_device_ops)
 _register("torch", "fastvae.reference", lambda: {"cpu", "cuda", "mps", "xpu", "meta"}, ALL_DTYPES, "")
 

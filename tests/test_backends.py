@@ -31,7 +31,7 @@ def test_available_backends_lists_auto_and_torch():
 @pytest.mark.skipif(os.environ.get("FASTVAE_NO_EXTENSION") == "1", reason="built without the extension")
 def test_native_extension_builds_and_is_listed():
     # The extension is part of every install with a compiler (CI builds it): it must load.
-    import fastvae._C  # noqa: F401
+    import fastvae._native  # noqa: F401
     assert "native" in fastvae.available_backends()
 
 
@@ -94,15 +94,15 @@ def test_explicit_backend_without_the_op_raises_clearly(monkeypatch):
 
 
 def test_native_cuda_build_claims_only_ops_with_cuda_kernels(monkeypatch):
-    """A CUDA build of fastvae._C runs CPU and CUDA tensors, but CUDA ones only for the ops
+    """A CUDA build of the native extension runs CPU and CUDA tensors, but CUDA ones only for the ops
     it lists in cuda_ops(): for the others `auto` falls through and `native` says why."""
-    fake = type(sys)("fastvae._C")
+    fake = type(sys)("fastvae._native")
     fake.devices = lambda: ["cpu", "cuda"]
     fake.cuda_ops = lambda: ["reparameterize", "reparameterize_backward"]
     fake.reparameterize = fake.reparameterize_backward = fake.gumbel_softmax = lambda *args: "native"
-    monkeypatch.setitem(sys.modules, "fastvae._C", fake)
+    monkeypatch.setitem(sys.modules, "fastvae._native", fake)
     monkeypatch.setitem(_backend._BACKENDS, "native", _backend._Backend(
-        "native", "fastvae._C", _backend._native_devices, _backend.KERNEL_DTYPES, "test",
+        "native", "fastvae._native", _backend._native_devices, _backend.KERNEL_DTYPES, "test",
         _backend._native_device_ops))
     monkeypatch.setitem(_backend._BACKENDS, "triton", _backend._Backend(  # no GPU Triton here either
         "triton", "fastvae.kernels", set, _backend.KERNEL_DTYPES, "test"))
