@@ -49,7 +49,7 @@ def _noise(seed_ptr, pid, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, n, cols,
+def _forward_kernel(mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, n, cols, divisor,
                     mu_rs, mu_cs, lv_rs, lv_cs, pm_rs, pm_cs, plv_rs, plv_cs,
                     SAMPLE: tl.constexpr, KL: tl.constexpr, REDUCE: tl.constexpr, PRIOR: tl.constexpr,
                     FLAT: tl.constexpr, BLOCK: tl.constexpr):
@@ -67,8 +67,8 @@ def _forward_kernel(mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, n,
             kl = 0.5 * (plv - v + (tl.exp(v) + diff * diff) * tl.exp(-plv) - 1.0)
         else:
             kl = 0.5 * (tl.exp(v) + m * m - 1.0 - v)
-        if REDUCE:  # one partial per program, in kl_ptr's float32 buffer
-            tl.store(kl_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
+        if REDUCE:  # one partial per program (float32), or the result itself if one program
+            tl.store(kl_ptr + pid, (tl.sum(tl.where(mask, kl, 0.0), axis=0) / divisor).to(kl_ptr.dtype.element_ty))
         else:
             tl.store(kl_ptr + i, kl.to(kl_ptr.dtype.element_ty), mask=mask)
 
@@ -148,10 +148,11 @@ def _divisor(reduction, mu):
     return 1.0
 
 
-def _launch(kernel, mu, operands, outputs, seed, scale=None, **flags):
+def _launch(kernel, mu, operands, outputs, seed, scale, **flags):
     """Launch ``kernel`` over mu's elements. ``operands``: input tensors broadcast to mu's
     shape (None: unused slot), or a 0-d tensor the kernel reads once (wrapped in a tuple);
-    ``outputs``: contiguous tensors or None (unused)."""
+    ``outputs``: contiguous tensors or None (unused); ``scale``: the kernel's float argument
+    (forward: the reduction's divisor, backward: the KL gradient's scale)."""
     n, shape = mu.numel(), mu.shape
     if n == 0:
         return
@@ -166,9 +167,8 @@ def _launch(kernel, mu, operands, outputs, seed, scale=None, **flags):
         strides += [row_stride, col_stride]
         flat = flat and t.is_contiguous()
     outputs = [mu if o is None else o for o in outputs]  # unused pointer slots
-    extra = () if scale is None else (scale,)
     kernel[(triton.cdiv(n, BLOCK),)](*tensors, mu if seed is None else seed, *outputs, n,
-                                     shape[-1] if len(shape) else 1, *extra, *strides,
+                                     shape[-1] if len(shape) else 1, scale, *strides,
                                      FLAT=flat, BLOCK=BLOCK, **flags)
 
 
@@ -190,15 +190,19 @@ def _forward(mu, logvar, prior_mu, prior_logvar, seed, sample, reduction):
     reduce = kl and _REDUCTIONS[reduction] == 1
     z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if sample else None
     kl_out = None
-    if kl:
+    # One program reduces the whole KL itself and writes it: no partials, no second launch.
+    single = reduce and triton.cdiv(mu.numel(), BLOCK) == 1
+    if single:
+        kl_out = torch.empty((), dtype=mu.dtype, device=mu.device)
+    elif kl:
         shape = (triton.cdiv(mu.numel(), BLOCK),) if reduce else mu.shape
         kl_out = torch.empty(shape, dtype=torch.float32 if reduce else mu.dtype, device=mu.device)
     prior = prior_mu is not None or prior_logvar is not None
     zero = _zero(mu)
     priors = [(zero if p is None else p) if prior else None for p in (prior_mu, prior_logvar)]
-    _launch(_forward_kernel, mu, [mu, logvar] + priors, [z, kl_out], seed,
+    _launch(_forward_kernel, mu, [mu, logvar] + priors, [z, kl_out], seed, _divisor(reduction, mu) if single else 1.0,
             SAMPLE=sample, KL=kl, REDUCE=reduce, PRIOR=prior)
-    if reduce:
+    if reduce and not single:
         total = torch.empty((), dtype=mu.dtype, device=mu.device)
         _sum_kernel[(1,)](kl_out, total, kl_out.numel(), _divisor(reduction, mu), SUM_BLOCK=SUM_BLOCK)
         kl_out = total
