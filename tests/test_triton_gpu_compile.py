@@ -127,7 +127,8 @@ def _record_gpu_launches(monkeypatch):
 def test_every_gpu_launch_compiles_for_sm90_within_an_h100_block(tmp_path, monkeypatch):
     launches = _record_gpu_launches(monkeypatch)
     names = {launch["name"] for launch in launches}
-    assert {"_search_kernel", "_finish_kernel", "_grad_x_kernel", "_grad_codebook_atomic_kernel",
+    assert {"_codebook_kernel", "_search_kernel", "_resolve_kernel", "_gather_kernel", "_grad_x_kernel",
+            "_grad_codebook_atomic_kernel",
             "_grad_codebook_sorted_kernel", "_forward_kernel", "_backward_kernel", "_gumbel_kernel",
             "_kl_kernel"} <= names
     search_constants = {(l["kwargs"]["D"]["value"], l["kwargs"]["BLOCK_D"]["value"], l["kwargs"]["PRECISION"]["value"])
