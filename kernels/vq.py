@@ -295,14 +295,30 @@ def _multiprocessors(device):
 
 
 def _config(x):
-    """(BLOCK_N, BLOCK_K, BLOCK_D for the dot, BLOCK_D for the exact rescan, programs to aim for)."""
+    """(BLOCK_N, BLOCK_K, BLOCK_D for the dot, BLOCK_D for the exact rescan, programs to aim
+    for), by shape on a GPU within an H100's block (227 KiB shared memory, no spills: the
+    sm_90 compile test compiles each branch)."""
     d = triton.next_power_of_2(max(x.shape[1], 16))
     if _gpu_launch(x):
-        # The exact rescan's (BLOCK_N, 8 codes, 16 dims) difference tile is 64 registers a
-        # thread at 4 warps; (64, 16, 32) spilled 5-15 KB a thread (the sm_90 compile test).
-        return 64, 64, min(d, 64), min(d, 16), 2 * _multiprocessors(x.device)
+        programs = 2 * _multiprocessors(x.device)
+        if d <= 16:  # a sliver of a dot: the per-tile reductions dominate, so twice the rows share them
+            return 128, 64, d, d, programs
+        # 16-bit code tiles are half the bytes: twice the codes per tile in the same shared memory.
+        block_k = 128 if x.dtype in (torch.float16, torch.bfloat16) and d <= 64 else 64
+        # The exact rescan's (64 rows, 8 codes, 16 dims) difference tile is 64 registers a
+        # thread at 4 warps; (64, 16, 32) spilled 5-15 KB a thread.
+        return 64, block_k, min(d, 64), 16, programs
     # Interpreter: every program instance costs ~0.5 ms, so few large programs.
     return 64, 128, min(d, 256), min(d, 64), 4
+
+
+def _search_options(block_n, block_k, d, on_gpu):
+    """num_warps and num_stages of the search: 8 warps for a 128 x 64 tile (32 accumulator
+    registers a thread), code tiles triple-buffered while D fits one 64-wide chunk (3
+    stages of D = 256 took 288 KiB)."""
+    if not on_gpu:
+        return {}
+    return {"num_warps": 8 if block_n * block_k >= 8192 else 4, "num_stages": 3 if d <= 64 else 2}
 
 
 def _rounding(d, on_gpu, dot_16bit):
@@ -331,10 +347,13 @@ def _search(x, codebook, write_quantized):
     precision = "tf32x3" if on_gpu and not dot_16bit else "ieee"  # 16-bit dots ignore it
     centre_codes = not dot_16bit  # centred 16-bit values would not be exact in 16 bits
     row_blocks = triton.cdiv(n, block_n)
+    # The exact pass keeps 64-row blocks (its rescan tile is sized for them) whatever the search's.
+    resolve_n = min(block_n, 64)
+    resolve_blocks = triton.cdiv(n, resolve_n)
     indices = torch.empty(n, device=x.device, dtype=torch.int64)
     sq_dist = torch.empty(n, device=x.device, dtype=x.dtype)
     quantized = torch.empty_like(x) if write_quantized else sq_dist  # unused pointer when not written
-    loss_parts = torch.empty(max(row_blocks, 1), device=x.device, dtype=torch.float32)
+    loss_parts = torch.empty(max(resolve_blocks, 1), device=x.device, dtype=torch.float32)
     if n == 0:
         return indices, sq_dist, (quantized if write_quantized else None), loss_parts.zero_()
     cb_sq = torch.empty(k, device=x.device, dtype=torch.float32)
@@ -349,21 +368,20 @@ def _search(x, codebook, write_quantized):
     _search_kernel[(row_blocks, splits)](x, codebook, centre, cb_sq, top, top_index, n, k, codes_per_split,
                                          D=d, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision,
                                          CENTRE=centre_codes, DOT_16BIT=dot_16bit,
-                                         num_stages=2 if on_gpu else 3)  # 3 stages: 288 KiB at D = 256
+                                         **_search_options(block_n, block_k, d, on_gpu))
     scan_block_k = 8 if on_gpu else block_k
-    scans, codes_per_scan = _parts(k, scan_block_k, target_programs // row_blocks)
+    scans, codes_per_scan = _parts(k, scan_block_k, target_programs // resolve_blocks)
     scan_dist = torch.empty(scans, n, device=x.device, dtype=torch.float32) if scans > 1 else sq_dist
     scan_index = torch.empty(scans, n, device=x.device, dtype=torch.int32) if scans > 1 else indices
-    _resolve_kernel[(row_blocks, scans)](x, codebook, centre, top, top_index, scan_dist, scan_index, indices, sq_dist,
-                                         quantized, loss_parts, cb_sq_max, n, k, splits, codes_per_scan,
-                                         _rounding(d, on_gpu, dot_16bit), D=d, BLOCK_N=block_n,
-                                         BLOCK_K=scan_block_k, BLOCK_D=scan_block_d, CENTRE=centre_codes,
-                                         GATHER=scans == 1, WRITE_QUANTIZED=write_quantized,
-                                         num_warps=8 if on_gpu else 4)
+    _resolve_kernel[(resolve_blocks, scans)](
+        x, codebook, centre, top, top_index, scan_dist, scan_index, indices, sq_dist, quantized, loss_parts, cb_sq_max,
+        n, k, splits, codes_per_scan, _rounding(d, on_gpu, dot_16bit), D=d, BLOCK_N=resolve_n, BLOCK_K=scan_block_k,
+        BLOCK_D=scan_block_d, CENTRE=centre_codes, GATHER=scans == 1, WRITE_QUANTIZED=write_quantized,
+        num_warps=8 if on_gpu else 4)
     if scans > 1:
-        _gather_kernel[(row_blocks,)](x, codebook, scan_dist, scan_index, indices, sq_dist, quantized, loss_parts,
-                                      n, scans, D=d, BLOCK_N=block_n, BLOCK_D=scan_block_d,
-                                      WRITE_QUANTIZED=write_quantized)
+        _gather_kernel[(resolve_blocks,)](x, codebook, scan_dist, scan_index, indices, sq_dist, quantized, loss_parts,
+                                          n, scans, D=d, BLOCK_N=resolve_n, BLOCK_D=scan_block_d,
+                                          WRITE_QUANTIZED=write_quantized)
     return indices, sq_dist, (quantized if write_quantized else None), loss_parts
 
 

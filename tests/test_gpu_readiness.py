@@ -400,3 +400,25 @@ def test_gpu_configuration_is_exact_under_the_truncating_mma_model(gpu_vq_config
         with fastvae.use_backend("triton"):
             assert_nearest(*fastvae.nearest_code(x, codebook), x, codebook)
     assert modelled, "no tf32x3 dot ran"
+
+
+# ---------------------------------------------------------------- shape-aware configurations (item 10)
+def test_categorical_kl_tiles_few_classes_with_many_rows(monkeypatch):
+    """16 classes gave 16 x 16 tiles (256 elements for a whole block of threads): a few
+    classes now take rows enough for 2048 elements a program; results as the reference."""
+    requires_on("triton", "cpu", "categorical_kl")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import fastvae.kernels as kernels
+
+    tiles, run = [], InterpretedFunction.run
+
+    def recording_run(self, *args, **kwargs):
+        tiles.append(kwargs["BLOCK_R"] * kwargs["BLOCK_K"])
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    logits, prior = torch.randn(300, 16), torch.randn(300, 16)
+    kl = kernels.categorical_kl(logits, prior, 1, "none")
+    assert tiles == [2048]
+    assert_close(kl, reference.categorical_kl(logits.double(), prior.double(), 1, "none"), torch.float32)
