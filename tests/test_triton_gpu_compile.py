@@ -136,8 +136,8 @@ def test_every_gpu_launch_compiles_for_sm90_within_an_h100_block(tmp_path, monke
                         for l in launches if l["name"] == "_search_kernel"}
     assert {(8, 16), (64, 64), (256, 64)} <= {c[:2] for c in search_constants}  # D > BLOCK_D compiled too
     # Each branch of the shape-aware VQ search configuration (kernels.vq._config, _search_options).
-    search_tiles = {(l["kwargs"]["BLOCK_N"]["value"], l["kwargs"]["BLOCK_K"]["value"], l["kwargs"]["num_warps"]["value"],
-                     l["kwargs"]["num_stages"]["value"], l["kwargs"]["DOT_16BIT"]["value"])
+    search_tiles = {tuple(l["kwargs"][name]["value"] for name in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
+                                                                  "DOT_16BIT"))
                     for l in launches if l["name"] == "_search_kernel"}
     assert {(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 128, 8, 3, True), (64, 64, 4, 2, False),
             (64, 64, 4, 2, True)} <= search_tiles, search_tiles
