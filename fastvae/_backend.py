@@ -8,7 +8,10 @@ editing. For each call, ``lookup(op, tensor)`` picks the implementation:
   :class:`BackendError` saying why it cannot (not installed, wrong device, op missing,
   no kernel for the op on that device);
 * ``auto`` takes the first backend in the device's preference order that can run it,
-  so an op a backend lacks simply falls through to the next.
+  so an op a backend lacks simply falls through to the next. On CUDA, an op that the
+  native extension has a CUDA kernel for runs there when its tensors are small (fewer
+  than ``SMALL_CUDA_NUMEL`` elements): one C++ launch costs a few microseconds, a Triton
+  launch's Python side tens, which dwarfs a small kernel.
 
 A backend registered with ``device_guard`` (Triton: its launches go to the *current*
 CUDA device and that device's current stream) runs each CUDA call with the first
@@ -111,6 +114,16 @@ _BACKENDS = {}
 # Fastest first, per device type; `auto` walks this list.
 _PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 _FALLBACK_PREFERENCE = ("torch",)
+# On CUDA, `auto` runs an op on the native CUDA kernel, where there is one, below this
+# many elements of the op's work tensor, and on Triton from there on. A guess, to be
+# measured on a GPU (benchmarks/bench_overhead.py --device cuda): a Gaussian kernel moves
+# ~16 bytes an element, so at 2^20 elements it runs ~6 us at 3 TB/s, well under a Triton
+# launch's ~20-40 us of Python, which only larger kernels hide behind the GPU's queue.
+SMALL_CUDA_NUMEL = 1 << 20
+_SMALL_PREFERENCE = {"cuda": ("native",)}
+# The argument whose size measures an op's work: the first, except where that may be a
+# reduced scalar (the gradient of a reduced KL).
+_WORK_ARGUMENT = {"gaussian_kl_backward": 1}
 
 
 def _register(name, module, devices, dtypes, hint, device_ops=None, device_guard=False):
@@ -200,10 +213,29 @@ def _resolve(choice, op, device_type, dtype):
         if reason is not None:
             raise BackendError(f"fastvae backend '{choice}' cannot run {op} on {device_type} {dtype}: {reason}")
         return _implementation(_BACKENDS[choice], op, device_type)
-    for name in _PREFERENCE.get(device_type, _FALLBACK_PREFERENCE):
-        if _BACKENDS[name].why_not(op, device_type, dtype) is None:
-            return _implementation(_BACKENDS[name], op, device_type)
-    raise BackendError(f"no fastvae backend can run {op} on {device_type} {dtype}")
+    large = _first_able(_PREFERENCE.get(device_type, _FALLBACK_PREFERENCE), op, device_type, dtype)
+    if large is None:
+        raise BackendError(f"no fastvae backend can run {op} on {device_type} {dtype}")
+    small = _first_able(_SMALL_PREFERENCE.get(device_type, ()), op, device_type, dtype)
+    if small is None or small is large:
+        return _implementation(large, op, device_type)
+    return _by_size(_implementation(small, op, device_type), _implementation(large, op, device_type),
+                    _WORK_ARGUMENT.get(op, 0))
+
+
+def _first_able(names, op, device_type, dtype):
+    """The first backend of ``names`` that runs ``op`` on (device_type, dtype), or None."""
+    return next((_BACKENDS[name] for name in names if _BACKENDS[name].why_not(op, device_type, dtype) is None), None)
+
+
+def _by_size(small, large, work_argument):
+    """``small`` for calls whose work tensor has fewer than ``SMALL_CUDA_NUMEL`` elements,
+    else ``large`` (cached like any implementation: one size test a call)."""
+    def chosen(*args):
+        return (small if args[work_argument].numel() < SMALL_CUDA_NUMEL else large)(*args)
+
+    chosen.__name__ = chosen.__qualname__ = large.__name__
+    return chosen
 
 
 def implementations(name):

@@ -65,7 +65,7 @@ def _noise(seed_ptr, i, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, n, cols, inner, chunks,
+def _forward_kernel(mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, n, cols, inner, chunks, divisor,
                     mu_rs, mu_cs, lv_rs, lv_cs, pm_rs, pm_cs, plv_rs, plv_cs,
                     SAMPLE: tl.constexpr, KL: tl.constexpr, REDUCE: tl.constexpr, PRIOR: tl.constexpr,
                     ALIGNED: tl.constexpr, FLAT: tl.constexpr, BLOCK: tl.constexpr):
@@ -83,8 +83,8 @@ def _forward_kernel(mu_ptr, lv_ptr, pm_ptr, plv_ptr, seed_ptr, z_ptr, kl_ptr, n,
             kl = 0.5 * (plv - v + (tl.exp(v) + diff * diff) * tl.exp(-plv) - 1.0)
         else:
             kl = 0.5 * (tl.exp(v) + m * m - 1.0 - v)
-        if REDUCE > 0:  # one partial per program, in kl_ptr's float32 buffer
-            tl.store(kl_ptr + pid, tl.sum(tl.where(mask, kl, 0.0), axis=0))
+        if REDUCE > 0:  # one partial per program (float32), or the result itself if one program
+            tl.store(kl_ptr + pid, (tl.sum(tl.where(mask, kl, 0.0), axis=0) / divisor).to(kl_ptr.dtype.element_ty))
         else:
             tl.store(kl_ptr + i, kl.to(kl_ptr.dtype.element_ty), mask=mask)
 
@@ -175,11 +175,13 @@ def _per_sample_grid(mu):
     return inner, triton.cdiv(inner, BLOCK)
 
 
-def _launch(kernel, mu, operands, outputs, seed, scale=None, per_sample_grid=False, inner=1, **flags):
+def _launch(kernel, mu, operands, outputs, seed, scale, per_sample_grid=False, inner=1, **flags):
     """Launch ``kernel`` over mu's elements. ``operands``: input tensors broadcast to mu's
     shape (None: unused slot), or a 0-d tensor the kernel reads once (wrapped in a tuple);
-    ``outputs``: contiguous tensors or None (unused). ``per_sample_grid``: one program per
-    (sample, chunk) of :func:`_per_sample_grid` rather than per BLOCK of the flat index;
+    ``outputs``: contiguous tensors or None (unused); ``scale``: the kernel's float argument
+    (forward: the reduction's divisor, backward: the KL gradient's scale). ``per_sample_grid``:
+    one program per (sample, chunk) of :func:`_per_sample_grid` rather than per BLOCK of the
+    flat index;
     ``inner``: the elements per sample, for kernels that need it."""
     n, shape = mu.numel(), mu.shape
     if n == 0:
@@ -195,14 +197,13 @@ def _launch(kernel, mu, operands, outputs, seed, scale=None, per_sample_grid=Fal
         strides += [row_stride, col_stride]
         flat = flat and t.is_contiguous()
     outputs = [mu if o is None else o for o in outputs]  # unused pointer slots
-    extra = () if scale is None else (scale,)
     if per_sample_grid:
         inner, chunks = _per_sample_grid(mu)
         grid, aligned = shape[0] * chunks, inner % 4 == 0  # a chunk then starts a Philox group
     else:
         chunks, grid, aligned = 1, triton.cdiv(n, BLOCK), True
     kernel[(grid,)](*tensors, mu if seed is None else seed, *outputs, n, shape[-1] if len(shape) else 1,
-                    inner, chunks, *extra, *strides, ALIGNED=aligned, FLAT=flat, BLOCK=BLOCK, **flags)
+                    inner, chunks, scale, *strides, ALIGNED=aligned, FLAT=flat, BLOCK=BLOCK, **flags)
 
 
 _ZEROS = {}
@@ -223,16 +224,20 @@ def _forward(mu, logvar, prior_mu, prior_logvar, seed, sample, reduction):
     reduce = _REDUCTIONS[reduction] if kl else 0
     z = torch.empty(mu.shape, dtype=mu.dtype, device=mu.device) if sample else None
     kl_out = None
-    if kl:
+    # One program reduces the whole KL itself and writes it: no partials, no second launch.
+    single = reduce == 1 and triton.cdiv(mu.numel(), BLOCK) == 1
+    if single:
+        kl_out = torch.empty((), dtype=mu.dtype, device=mu.device)
+    elif kl:
         inner, chunks = _per_sample_grid(mu) if reduce == 2 else (0, 0)
         shape = (triton.cdiv(mu.numel(), BLOCK),) if reduce == 1 else (mu.shape[0] * chunks,) if reduce else mu.shape
         kl_out = torch.empty(shape, dtype=torch.float32 if reduce else mu.dtype, device=mu.device)
     prior = prior_mu is not None or prior_logvar is not None
     zero = _zero(mu)
     priors = [(zero if p is None else p) if prior else None for p in (prior_mu, prior_logvar)]
-    _launch(_forward_kernel, mu, [mu, logvar] + priors, [z, kl_out], seed, per_sample_grid=reduce == 2,
-            SAMPLE=sample, KL=kl, REDUCE=reduce, PRIOR=prior)
-    if reduce == 1:
+    _launch(_forward_kernel, mu, [mu, logvar] + priors, [z, kl_out], seed, _divisor(reduction, mu) if single else 1.0,
+            per_sample_grid=reduce == 2, SAMPLE=sample, KL=kl, REDUCE=reduce, PRIOR=prior)
+    if reduce == 1 and not single:
         total = torch.empty((), dtype=mu.dtype, device=mu.device)
         _sum_kernel[(1,)](kl_out, total, kl_out.numel(), _divisor(reduction, mu), SUM_BLOCK=SUM_BLOCK)
         kl_out = total

@@ -333,7 +333,10 @@ def _categorical_kl_rows(logits, prior_logits, dim, row_grad=None):
     if rows:
         block_k = min(triton.next_power_of_2(K), 4096)
         tile = _TILE_ELEMENTS // (2 if backward and has_prior else 1)  # its five live tiles spilled at 8192
-        block_r = max(1, min(64 if inner > 1 else 16, tile // block_k, triton.next_power_of_2(rows)))
+        # At least 2048 elements a program: 16-row tiles of a few classes (16 x 16) left the
+        # threads of a block mostly idle; rows are the tile's long side for small K.
+        block_r = max(1, min(max(64 if inner > 1 else 16, 2048 // block_k), tile // block_k,
+                             triton.next_power_of_2(rows)))
         gx, gq = (grads[0], grads[-1]) if backward else (kl, kl)
         _kl_kernel[(triton.cdiv(rows, block_r),)](
             x, q, kl, row_grad if backward else kl, gx, gq, rows, K, inner, K * inner, x_os, x_is, x_cs,

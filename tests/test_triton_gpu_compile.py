@@ -32,7 +32,8 @@ H100_MULTIPROCESSORS = 132
 # the 16-bit paths (loads, conversions, VQ's native 16-bit dot) at the shapes that take
 # them, to keep the compile count (ptxas takes seconds a kernel) small.
 GAUSSIAN_SHAPE = (65536, 256)
-GUMBEL_SHAPES = [(4096, 512), (512, 8192), (64, 16, 7, 7)]  # one tile, online softmax (32768 x 8192), dim=1
+# one tile, online softmax (32768 x 8192), dim=1, few classes (rows-long tiles)
+GUMBEL_SHAPES = [(4096, 512), (512, 8192), (64, 16, 7, 7), (65536, 16)]
 VQ_SHAPES = [(32768, 1024, 256), (32768, 16384, 8), (32768, 512, 64), (200, 4096, 64)]  # the last splits codes
 SIXTEEN_BIT_SHAPES = {"gumbel": GUMBEL_SHAPES[:1], "vq": [(32768, 1024, 256), (32768, 512, 64)]}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -127,12 +128,19 @@ def _record_gpu_launches(monkeypatch):
 def test_every_gpu_launch_compiles_for_sm90_within_an_h100_block(tmp_path, monkeypatch):
     launches = _record_gpu_launches(monkeypatch)
     names = {launch["name"] for launch in launches}
-    assert {"_search_kernel", "_finish_kernel", "_grad_x_kernel", "_grad_codebook_atomic_kernel",
+    assert {"_codebook_kernel", "_search_kernel", "_resolve_kernel", "_gather_kernel", "_grad_x_kernel",
+            "_grad_codebook_atomic_kernel",
             "_grad_codebook_sorted_kernel", "_forward_kernel", "_backward_kernel", "_gumbel_kernel",
             "_kl_kernel"} <= names
     search_constants = {(l["kwargs"]["D"]["value"], l["kwargs"]["BLOCK_D"]["value"], l["kwargs"]["PRECISION"]["value"])
                         for l in launches if l["name"] == "_search_kernel"}
     assert {(8, 16), (64, 64), (256, 64)} <= {c[:2] for c in search_constants}  # D > BLOCK_D compiled too
+    # Each branch of the shape-aware VQ search configuration (kernels.vq._config, _search_options).
+    search_tiles = {tuple(l["kwargs"][name]["value"] for name in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
+                                                                  "DOT_16BIT"))
+                    for l in launches if l["name"] == "_search_kernel"}
+    assert {(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 128, 8, 3, True), (64, 64, 4, 2, False),
+            (64, 64, 4, 2, True)} <= search_tiles, search_tiles
     records = tmp_path / "launches.json"
     records.write_text(json.dumps(launches))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -358,3 +358,92 @@ def test_cuda_clustered_large_norm_and_gradients(dtype):
             atol, rtol = TOLERANCES[dtype]
             torch.testing.assert_close(xg.grad.double(), x64.grad, atol=atol, rtol=rtol)
             torch.testing.assert_close(cbg.grad.double(), cb64.grad, atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------- exactness without a rescan cliff
+@pytest.fixture
+def vq_gpu_exact_work(monkeypatch):
+    """The Triton VQ launchers in their CUDA configuration (``_gpu_launch``, 132 SMs) under
+    the interpreter, recording per kernel its grid and the exact-distance helpers it calls:
+    ``_row_sq_dist`` (a candidate per row) and ``_exact_sq_dist`` (a rescan tile of codes)."""
+    if "cpu" not in fastvae._backend._BACKENDS["triton"].devices():
+        pytest.skip("needs the Triton interpreter")
+    from test_gpu_readiness import _interpret_bfloat16_dots
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import fastvae.kernels.vq as vq_kernels
+
+    monkeypatch.setattr(vq_kernels, "_gpu_launch", lambda x: True)
+    monkeypatch.setattr(vq_kernels, "_multiprocessors", lambda device: 132)
+    _interpret_bfloat16_dots(monkeypatch)
+    work = {"grids": {}, "calls": {}}
+    run, call = InterpretedFunction.run, InterpretedFunction.__call__
+
+    def recording_run(self, *args, grid, **kwargs):
+        work["grids"][self.fn.__name__] = tuple(grid) + (1,) * (3 - len(grid))
+        return run(self, *args, grid=grid, **kwargs)
+
+    def recording_call(self, *args, **kwargs):
+        work["calls"][self.fn.__name__] = work["calls"].get(self.fn.__name__, 0) + 1
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording_run)
+    monkeypatch.setattr(InterpretedFunction, "__call__", recording_call)
+    return vq_kernels, work
+
+
+def test_triton_near_tie_pairs_are_rescored_without_a_rescan(vq_gpu_exact_work):
+    """Rows midway between two codes (far from the rest) are ambiguous to the tf32x3
+    search: only those rows, and only their two candidates, get exact distances."""
+    vq_kernels, work = vq_gpu_exact_work
+    codebook = 4.0 * torch.randn(200, 16)
+    halfway = (codebook[0:60:2] + codebook[1:60:2]) / 2
+    x = torch.cat([halfway, codebook[100:130] + 0.05 * torch.randn(30, 16)])
+    assert_nearest(*vq_kernels.nearest_code(x, codebook), x, codebook)
+    assert work["calls"].get("_row_sq_dist", 0) > 0
+    assert work["calls"].get("_exact_sq_dist", 0) == 0, "a near-tie pair rescanned every code"
+
+
+def test_triton_centring_removes_the_large_norm_rescan(vq_gpu_exact_work):
+    """A common offset of 300 makes ||e||^2 ~ 6e6 and the expansion's bound ~ 200, above the
+    gaps of unit-scale data; centred on the codebook's mean the bound is ~ 2e-3, below them."""
+    vq_kernels, work = vq_gpu_exact_work
+    offset = 300.0 * torch.ones(64)
+    codebook, x = offset + torch.randn(300, 64), offset + torch.randn(40, 64)
+    assert_nearest(*vq_kernels.nearest_code(x, codebook), x, codebook)
+    assert not {"_row_sq_dist", "_exact_sq_dist"} & set(work["calls"]), "large norms still made rows ambiguous"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_duplicate_rescan_is_split_across_codes(vq_gpu_exact_work, dtype):
+    """Three copies of a code (three codes within the bound: no short candidate list) for
+    a few rows against many codes: the exact rescan is spread over programs on the code
+    axis, each scanning its share, and the answers are the float64 oracle's (lowest copy)."""
+    vq_kernels, work = vq_gpu_exact_work
+    k, d = 2000, 8
+    codebook = torch.randn(k, d)
+    for copy in (900, 1500):
+        codebook[copy] = codebook[300]
+    x = torch.cat([codebook[300:301] + 1e-4 * torch.randn(5, d), torch.randn(5, d)])
+    x, codebook = x.to(dtype), codebook.to(dtype)
+    indices, sq_dist = vq_kernels.nearest_code(x, codebook)
+    assert_nearest(indices, sq_dist, x, codebook)
+    assert (indices[:5] == 300).all()
+    row_blocks, scans, _ = work["grids"]["_resolve_kernel"]
+    assert row_blocks == 1 and scans > 1
+    scanned_tiles = work["calls"]["_exact_sq_dist"]
+    assert scanned_tiles <= (k + 7) // 8 + scans  # each tile of 8 codes once (plus a partial tile per scan)
+
+
+@pytest.mark.parametrize("n,k,d", [(3, 3000, 64), (130, 70, 8), (40, 300, 256)])
+def test_triton_gpu_configuration_hard_cases_match_the_oracle(vq_gpu_exact_work, n, k, d):
+    """Duplicates, near-ties and large norms at once (small N against large K too), in the
+    CUDA configuration, forward and loss, against the float64 oracle."""
+    vq_kernels, _ = vq_gpu_exact_work
+    x, codebook = clustered(n, k, d)
+    x, codebook = x + 50.0, codebook + 50.0
+    assert_nearest(*vq_kernels.nearest_code(x, codebook), x, codebook)
+    quantized, indices, loss = vq_kernels.vector_quantize(x, codebook, 0.25)
+    assert_nearest(indices, ((quantized.double() - x.double()) ** 2).sum(1).float(), x, codebook)
+    expected = 1.25 * ((quantized.double() - x.double()) ** 2).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
