@@ -345,3 +345,23 @@ def test_sync_option():
     layer.eval()(torch.randn(5, 2))  # no collective, nothing to check in eval
     with pytest.raises(RuntimeError, match="init_process_group"):
         layer.train()(torch.randn(5, 2))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: VectorQuantizer(CODES, DIM, ema_decay=0.9, dead_code_threshold=0.5, kmeans_init=True, sync=True),
+    lambda: ResidualVectorQuantizer(3, 4, DIM, ema_decay=0.9, dead_code_threshold=0.5, quantize_dropout=True,
+                                    sync=True),
+], ids=["VectorQuantizer", "ResidualVectorQuantizer"])
+def test_synchronised_training_steps_make_no_host_sync(monkeypatch, tmp_path, make):
+    from test_host_sync import no_host_sync
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1,
+                            timeout=COLLECTIVE_TIMEOUT)
+    try:
+        layer = make()
+        layer(torch.randn(16, DIM))  # the first call may read on the host (k-means sizes, the dropout seed)
+        with no_host_sync(monkeypatch):
+            for _ in range(2):
+                quantized, _, loss = layer(torch.randn(16, DIM, requires_grad=True))
+                (quantized.sum() + loss.sum()).backward()
+    finally:
+        dist.destroy_process_group()

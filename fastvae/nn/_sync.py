@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import _functional_collectives as funcol
 
+# newer torch renames all_gather_tensor (deprecated) all_gather_single
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
 _RANK_BITS = 20  # a pick's key is (float32 key bits << _RANK_BITS) | rank: unique, up to 2^20 ranks
 
 
@@ -88,7 +90,7 @@ class CodebookSync:
             return (None if all(initialized) else rows), list(initialized)
         world = dist.get_world_size()
         header = torch.tensor([rows.shape[0], *initialized], dtype=torch.int64, device=rows.device)
-        headers = funcol.all_gather_tensor(header, 0, dist.group.WORLD).view(world, -1).cpu()
+        headers = _all_gather(header, 0, dist.group.WORLD).view(world, -1).cpu()
         sizes = headers[:, 0].tolist()
         initialized = [bool(flag) for flag in headers[:, 1:].all(0)]
         if all(initialized):
@@ -96,7 +98,7 @@ class CodebookSync:
         dtype = rows.dtype if rows.dtype in (torch.float32, torch.float64) else torch.float32
         padded = rows.new_zeros(max(sizes), rows.shape[1], dtype=dtype)
         padded[:rows.shape[0]] = rows
-        gathered = funcol.all_gather_tensor(padded, 0, dist.group.WORLD).view(world, max(sizes), -1)
+        gathered = _all_gather(padded, 0, dist.group.WORLD).view(world, max(sizes), -1)
         return torch.cat([gathered[rank, :size] for rank, size in enumerate(sizes)]), initialized
 
     def generator(self, device):
