@@ -139,7 +139,6 @@ class ResidualVectorQuantizer(nn.Module):
             for stage, done in zip(stages, initialized):
                 if stage._kmeans_pending and not done:
                     stage._fit_kmeans(residual.to(stage.codebook.dtype))
-                stage._kmeans_pending = False
                 index, _ = ops.nearest_code(residual, stage.codebook.float())
                 residual = residual - stage.codebook.float()[index]
         for stage in stages:
