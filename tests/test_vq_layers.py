@@ -73,12 +73,6 @@ def test_dead_code_threshold_above_initial_count_keeps_codes_on_first_call(ema_d
         assert torch.equal(layer.codebook.detach(), before)
 
 
-def test_sync_true_not_implemented():
-    with pytest.raises(NotImplementedError, match="sync"):
-        VectorQuantizer(4, 2, sync=True)
-    VectorQuantizer(4, 2, sync=False)
-
-
 # ---------------------------------------------------------------- options
 def test_kmeans_init_fits_the_first_training_batch(backend):
     requires(backend, "nearest_code", "segment_mean")

@@ -10,7 +10,7 @@ from ..ops.vq import ESTIMATORS
 CODEBOOK_INITS = ("uniform", "normal", "kaiming")
 
 
-def check_tokenizer_options(*, kmeans_iters, codebook_dim, estimator, ema_debias, ema_decay, codebook_init, sync):
+def check_tokenizer_options(*, kmeans_iters, codebook_dim, estimator, ema_debias, ema_decay, codebook_init):
     if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 1:
         raise ValueError(f"kmeans_iters must be a positive int, got {kmeans_iters!r}")
     if codebook_dim is not None and (isinstance(codebook_dim, bool) or not isinstance(codebook_dim, int)
@@ -22,9 +22,6 @@ def check_tokenizer_options(*, kmeans_iters, codebook_dim, estimator, ema_debias
         raise ValueError("ema_debias=True needs an EMA codebook: pass ema_decay too")
     if codebook_init not in CODEBOOK_INITS:
         raise ValueError(f"codebook_init must be one of {', '.join(map(repr, CODEBOOK_INITS))}, got {codebook_init!r}")
-    if sync:
-        raise NotImplementedError("sync=True (distributed codebook statistics) is not implemented yet; "
-                                  "pass sync=None or False")
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ._sync import CodebookSync
 from .vq import VectorQuantizer
 
 
@@ -24,9 +25,13 @@ class ResidualVectorQuantizer(nn.Module):
     batch, stage by stage on the residuals (``kmeans_init``).
 
     ``quantize_dropout``: in training, a call without ``num_quantizers`` uses a number of
-    stages drawn uniformly from 1..R (PyTorch's default generator), as SoundStream.
-    ``channel_dim`` as :class:`VectorQuantizer`. ``sync`` is not implemented yet
-    (``True`` raises).
+    stages drawn uniformly from 1..R (PyTorch's default generator; synchronised, a
+    generator seeded from rank 0's by one broadcast at the first such call, so that every
+    rank draws the same number), as SoundStream.
+
+    ``channel_dim`` and ``sync`` as :class:`VectorQuantizer`; synchronised, the stages'
+    statistics are summed over ranks in one all-reduce per call, and k-means fits the
+    stages to every rank's first batch.
     """
 
     def __init__(self, num_quantizers, num_codes, dim, beta=0.25, channel_dim=-1, *, ema_decay=None, ema_eps=1e-5,
@@ -38,6 +43,7 @@ class ResidualVectorQuantizer(nn.Module):
         self.num_quantizers, self.num_codes, self.dim = num_quantizers, num_codes, dim
         self.beta, self.channel_dim = beta, channel_dim
         self.quantize_dropout, self.shared_codebook = quantize_dropout, shared_codebook
+        self._sync = CodebookSync(sync)
         self.stages = nn.ModuleList(
             VectorQuantizer(num_codes, dim, beta, -1, ema_decay, ema_eps, dead_code_threshold, kmeans_init=kmeans_init,
                             sync=sync, device=device, dtype=dtype)
@@ -58,10 +64,11 @@ class ResidualVectorQuantizer(nn.Module):
         """Each stage's perplexity of the last call, ``(len(stages),)``."""
         return torch.stack([stage.perplexity for stage in self.stages])
 
-    def _stage_count(self, num_quantizers):
+    def _stage_count(self, num_quantizers, device):
         if num_quantizers is None:
             if self.training and self.quantize_dropout:
-                return int(torch.randint(1, self.num_quantizers + 1, ()))
+                generator = self._sync.generator(device)  # the same draws on every rank
+                return int(torch.randint(1, self.num_quantizers + 1, (), generator=generator))
             return self.num_quantizers
         if isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int) \
                 or not 1 <= num_quantizers <= self.num_quantizers:
@@ -70,7 +77,7 @@ class ResidualVectorQuantizer(nn.Module):
 
     def forward(self, x, num_quantizers=None):
         source = x
-        n = self._stage_count(num_quantizers)
+        n = self._stage_count(num_quantizers, x.device)
         channel_last = self.channel_dim in (-1, x.dim() - 1)
         if not channel_last:
             x = x.movedim(self.channel_dim, -1)
@@ -102,28 +109,40 @@ class ResidualVectorQuantizer(nn.Module):
     def _update_statistics(self, flat_x, codebooks, indices):
         residuals = list(self._stage_residuals(flat_x, codebooks, indices)) if self.training else None
         if self.shared_codebook:
-            stage = self.stages[0]
-            inputs = torch.cat(residuals) if residuals is not None else None
-            stage._update_statistics(inputs, indices.t().reshape(-1))
-            if self.training and stage.dead_code_threshold > 0:
-                stage._restart_dead_codes(inputs)
-            return
-        for r in range(codebooks.shape[0]):
-            stage = self.stages[r]
-            stage._update_statistics(None if residuals is None else residuals[r], indices[:, r])
-            if self.training and stage.dead_code_threshold > 0:
-                stage._restart_dead_codes(residuals[r])
+            stages = [self.stages[0]]
+            inputs = [torch.cat(residuals) if residuals is not None else None]
+            stage_indices = [indices.t().reshape(-1)]
+        else:
+            n = codebooks.shape[0]
+            stages = list(self.stages[:n])
+            inputs = residuals if residuals is not None else [None] * n
+            stage_indices = list(indices.t())
+        statistics = [stage._local_statistics(x, index) for stage, x, index in zip(stages, inputs, stage_indices)]
+        if self.training:  # every stage's statistics in one all-reduce
+            summed = iter(self._sync.all_reduce([part for parts in statistics for part in parts]))
+            statistics = [[next(summed) for _ in parts] for parts in statistics]
+        for stage, parts in zip(stages, statistics):
+            stage._apply_statistics(parts)
+        if self.training and self.stages[0].dead_code_threshold > 0:
+            for stage, x in zip(stages, inputs):
+                stage._restart_dead_codes(x)
 
     @torch.no_grad()
     def _kmeans_initialize(self, flat_x, n):
-        """Stage by stage: stage r is fitted to the residual the fitted earlier stages leave."""
-        residual = flat_x.float()
-        for r in range(n):
-            stage = self._stage(r)
-            if stage._kmeans_pending:
-                stage._kmeans_initialize(residual.to(stage.codebook.dtype))
-            index, _ = ops.nearest_code(residual, stage.codebook.float())
-            residual = residual - stage.codebook.float()[index]
+        """Stage by stage: stage r is fitted to the residual the fitted earlier stages leave
+        (of every rank's batch when synchronised)."""
+        stages = [self._stage(r) for r in range(n)]
+        # `initialized` and, synchronised, the ranks' batch sizes read on the host: once
+        data, initialized = self._sync.gather_first_batch(flat_x, [bool(stage.initialized) for stage in stages])
+        if data is not None:
+            residual = data.float()
+            for stage, done in zip(stages, initialized):
+                if stage._kmeans_pending and not done:
+                    stage._fit_kmeans(residual.to(stage.codebook.dtype))
+                index, _ = ops.nearest_code(residual, stage.codebook.float())
+                residual = residual - stage.codebook.float()[index]
+        for stage in stages:
+            stage._kmeans_pending = False
 
     def lookup(self, indices):
         """``quantized`` for given ``indices`` ``(..., n)``: the sum of the stages' codes, ``channel_dim`` layout."""

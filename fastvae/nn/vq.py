@@ -7,6 +7,7 @@ from .. import ops
 from ..ops._common import check_dim, check_float, check_real, check_size
 from ..ops.kmeans import segment_mean
 from ._codebook import check_tokenizer_options, init_codebook_
+from ._sync import CodebookSync
 
 
 def code_counts(indices, num_codes):
@@ -80,8 +81,19 @@ class VectorQuantizer(nn.Module):
       kaiming-uniform, bound ``sqrt(6 / (num_codes * dim))``). With a dead-code threshold,
       every code starts as if just restarted (running usage at least the threshold), so the
       first calls do not restart the whole codebook.
-    * ``sync``: distributed synchronisation is not implemented yet; ``None``/``False``
-      accepted, ``True`` raises ``NotImplementedError``.
+    * ``sync``: distributed training (``torch.distributed``, any backend). ``None``
+      (default) synchronises when the process group is initialised with more than one
+      process (decided at each call), ``True`` always (initialise it before the first
+      training call), ``False`` never. Synchronised, every training call leaves the same
+      codebook and statistics on every rank, those of one process fed the concatenation of
+      the ranks' batches: the EMA counts and sums (with the usage counts and perplexity)
+      are summed over ranks in one all-reduce (float32: counts exact below 2^24 per code
+      and call); k-means fits every rank's first batch, gathered (its sizes read on the
+      host, once); a dead code restarts at a vector drawn uniformly from every rank's batch,
+      the same on every rank (two more collectives per call). Every rank must make the same
+      training calls (an empty batch is fine); ``eval()`` calls make no collective and
+      report this rank's perplexity. A gradient-trained codebook's gradient is averaged by
+      ``DistributedDataParallel``, not here. See the README, "Training on several GPUs".
 
     ``lookup(indices)`` returns the codes of ``indices`` as ``forward`` returns them (output
     space, ``channel_dim`` layout). ``load_state_dict`` accepts checkpoints without the
@@ -100,7 +112,8 @@ class VectorQuantizer(nn.Module):
         if legacy_beta and not beta > 0:
             raise ValueError(f"legacy_beta=True weighs the codebook term by beta, which must then be > 0, got {beta}")
         check_tokenizer_options(kmeans_iters=kmeans_iters, codebook_dim=codebook_dim, estimator=estimator,
-                                ema_debias=ema_debias, ema_decay=ema_decay, codebook_init=codebook_init, sync=sync)
+                                ema_debias=ema_debias, ema_decay=ema_decay, codebook_init=codebook_init)
+        self._sync = CodebookSync(sync)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay}")
         if not dead_code_threshold >= 0.0:
@@ -190,16 +203,35 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update_statistics(self, flat_x, indices):
-        """Perplexity; in training, usage counts and the EMA (or the dead-code usage average)."""
+        """Perplexity; in training, usage counts and the EMA (or the dead-code usage average),
+        over every rank's batch when synchronised."""
+        statistics = self._local_statistics(flat_x, indices)
+        if self.training:
+            statistics = self._sync.all_reduce(statistics)
+        self._apply_statistics(statistics)
+
+    def _local_statistics(self, flat_x, indices):
+        """What the ranks sum: ``[counts]`` (K,) float, and in EMA training ``sums`` (K, D)
+        of the inputs assigned to each code."""
         counts = code_counts(indices, self.num_codes)
-        probs = counts.float() / max(indices.numel(), 1)
+        if not (self.training and self.ema_decay is not None):
+            return [counts.float()]
+        # the deterministic segment-mean op (torch's CPU index_add_ is ~100x slower here), in
+        # the statistics' dtype (see _apply) whatever the dtype of x and of the codebook
+        means, _ = segment_mean(flat_x.to(self.ema_sum.dtype), indices, self.num_codes)
+        counts = counts.to(self.ema_count.dtype)
+        return [counts, means * counts[:, None]]
+
+    def _apply_statistics(self, statistics):
+        counts = statistics[0]
+        probs = counts.float() / counts.float().sum().clamp_min(1.0)
         self.perplexity = torch.exp(-torch.special.xlogy(probs, probs).sum())
         if self.training:
-            self.usage_count += counts
+            self.usage_count += counts.round().long()  # synchronised: float sums, exact below 2^24
             if self.ema_decay is not None:
-                self._ema_update(flat_x, indices, counts)
+                self._ema_update(counts.to(self.ema_count.dtype), statistics[1].to(self.ema_sum.dtype))
             elif self.dead_code_threshold > 0:
-                self.ema_count.mul_(0.99).add_(counts.float(), alpha=0.01)
+                self.ema_count.mul_(0.99).add_(counts.to(self.ema_count.dtype), alpha=0.01)
 
     @classmethod
     def from_state_dict(cls, state_dict, *, layout="fastvae", prefix="", **options):
@@ -243,13 +275,22 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_initialize(self, flat_x):
-        if bool(self.initialized):  # set by a loaded checkpoint: the one host sync
-            self._kmeans_pending = False
-            return
-        if flat_x.shape[0] < self.num_codes:
-            raise ValueError(f"kmeans_init needs a first training batch of at least num_codes ({self.num_codes}) "
-                             f"vectors, got {flat_x.shape[0]}; use a larger first batch or kmeans_init=False")
-        centroids, indices = ops.kmeans(flat_x, self.num_codes, iters=self.kmeans_iters)
+        # Reads `initialized` (set by a loaded checkpoint) and, synchronised, every rank's batch
+        # size: the layer's one host sync.
+        data, _ = self._sync.gather_first_batch(flat_x, [bool(self.initialized)])
+        if data is not None:
+            self._fit_kmeans(data)
+        self._kmeans_pending = False
+
+    @torch.no_grad()
+    def _fit_kmeans(self, data):
+        """Fit the codebook to ``data`` (every rank's first batch when synchronised)."""
+        if data.shape[0] < self.num_codes:
+            raise ValueError(f"kmeans_init needs a first training batch (over all ranks when synchronised) of at "
+                             f"least num_codes ({self.num_codes}) vectors, got {data.shape[0]}; use a larger first "
+                             "batch or kmeans_init=False")
+        centroids, indices = ops.kmeans(data, self.num_codes, iters=self.kmeans_iters,
+                                        generator=self._sync.generator(data.device))
         if self.cosine:
             centroids = F.normalize(centroids, dim=-1)
         self.codebook.copy_(centroids)
@@ -274,14 +315,10 @@ class VectorQuantizer(nn.Module):
         if hasattr(self, "initialized"):
             self._kmeans_pending = True  # re-read `initialized` on the next training call
 
-    def _ema_update(self, flat_x, indices, counts):
-        # In the statistics' dtype (see _apply), whatever the dtype of x and of the codebook.
+    def _ema_update(self, counts, sums):
+        """One EMA step from this call's (all ranks') code ``counts`` and ``sums`` of inputs."""
         decay = self.ema_decay
-        # the deterministic segment-mean op (torch's CPU index_add_ is ~100x slower here)
-        means, _ = segment_mean(flat_x.to(self.ema_sum.dtype), indices, self.num_codes)
-        counts = counts.to(self.ema_count.dtype)
         self.ema_count.mul_(decay).add_(counts, alpha=1.0 - decay)
-        sums = means * counts[:, None]
         self.ema_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
         if self.ema_debias:
             self.ema_steps += 1
@@ -307,12 +344,11 @@ class VectorQuantizer(nn.Module):
         # count. The codebook is written through .data, which leaves its version counter alone:
         # a call without dead codes changes nothing, and earlier calls' graphs, which kept their
         # own copy (forward), still backpropagate after a restart.
-        if flat_x.shape[0] == 0:
-            return
+        # Synchronised, the candidates come from every rank's batch, the same on every rank.
+        picked, found = self._sync.pick_rows(flat_x, self.num_codes)
         # debiased counts are NaN before the first update: nothing is dead yet
         usage = self.ema_count / self._ema_bias() if self.ema_debias else self.ema_count
-        dead = (usage < self.dead_code_threshold)[:, None]
-        picked = flat_x[torch.randint(flat_x.shape[0], (self.num_codes,), device=flat_x.device)]
+        dead = ((usage < self.dead_code_threshold) & found)[:, None]
         self.codebook.data.copy_(torch.where(dead, picked.to(self.codebook.dtype), self.codebook))
         restart_count = self.dead_code_threshold * (self._ema_bias() if self.ema_debias else 1.0)  # stored biased
         self.ema_count.copy_(torch.where(dead[:, 0], restart_count, self.ema_count))
