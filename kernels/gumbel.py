@@ -341,7 +341,9 @@ def _categorical_kl_rows(logits, prior_logits, dim, row_grad=None):
         _kl_kernel[(triton.cdiv(rows, block_r),)](
             x, q, kl, row_grad if backward else kl, gx, gq, rows, K, inner, K * inner, x_os, x_is, x_cs,
             q_os, q_is, q_cs, HAS_PRIOR=has_prior, BACKWARD=backward, BLOCK_R=block_r, BLOCK_K=block_k,
-            num_warps=8 if backward else 4)  # backward's live tiles spilled at 4 warps (sm_90 compile test)
+            # Live tiles that spilled at 4 warps (sm_90 compile test): backward's, and the forward's
+            # with a prior in a full tile.
+            num_warps=8 if backward or (has_prior and block_r * block_k >= _TILE_ELEMENTS) else 4)
     return grads if backward else kl
 
 

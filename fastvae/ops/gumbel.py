@@ -153,7 +153,8 @@ def _tau_tensor(tau, logits):
         if tau.device != logits.device:
             raise ValueError(f"tau is on {tau.device} but logits is on {logits.device}; put tau on the logits' device")
         return tau.reshape(1).to(dtype)
-    tau = check_real("tau", tau, minimum=0.0, inclusive=False)
+    # A tau past the dtype's range is as good as its largest value: the sample is uniform.
+    tau = min(check_real("tau", tau, minimum=0.0, inclusive=False), torch.finfo(dtype).max)
     if torch.compiler.is_compiling():
         return torch.full((1,), float(tau), dtype=dtype, device=logits.device)
     key = (float(tau), logits.device, dtype)
