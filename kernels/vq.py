@@ -536,7 +536,7 @@ def segment_mean(x, indices, num_segments):
     """Deterministic: rows grouped by a stable sort and summed in row order by the codebook
     kernel (``-scale * sum(x - 0)`` with scale -1), then divided by the counts."""
     x, n, d = x.float().contiguous(), x.shape[0], x.shape[1]
-    counts = torch.bincount(indices, minlength=num_segments)
+    counts = indices.new_zeros(num_segments).scatter_add_(0, indices, torch.ones_like(indices))  # no host sync
     sums = torch.zeros(num_segments, d, device=x.device, dtype=torch.float32)
     if n:
         order = torch.sort(indices, stable=True).indices

@@ -13,6 +13,7 @@ import torch
 import fastvae
 import fastvae.nn
 from conftest import BACKENDS
+from helpers import requires
 
 KERNEL_BACKENDS = [name for name in BACKENDS if name != "torch"]
 SYNCS = [(torch.Tensor, "item"), (torch.Tensor, "cpu"), (torch.Tensor, "nonzero"), (torch.Tensor, "tolist"),
@@ -75,15 +76,22 @@ MODULES = {
     "VectorQuantizer_ema_dead_codes": (
         lambda: fastvae.nn.VectorQuantizer(16, 5, channel_dim=1, ema_decay=0.9, dead_code_threshold=0.5),
         lambda: (_leaf(4, 5, 3, 3),)),
+    "ResidualVectorQuantizer_ema": (
+        lambda: fastvae.nn.ResidualVectorQuantizer(3, 16, 5, ema_decay=0.9, dead_code_threshold=0.5),
+        lambda: (_leaf(30, 5),)),
+    "GumbelQuantizer": (lambda: fastvae.nn.GumbelQuantizer(6, 16, 5), lambda: (_leaf(2, 6, 3, 3),)),
 }
 
 
 @pytest.mark.parametrize("module", MODULES)
-def test_module_training_steps_make_no_host_sync(monkeypatch, module):
+@pytest.mark.parametrize("backend_name", KERNEL_BACKENDS)
+def test_module_training_steps_make_no_host_sync(monkeypatch, backend_name, module):
+    if module.startswith("ResidualVectorQuantizer"):
+        requires(backend_name, "residual_quantize_backward")
     make, inputs = MODULES[module]
     layer = make().train()
     args = inputs()
-    with no_host_sync(monkeypatch):
+    with fastvae.use_backend(backend_name), no_host_sync(monkeypatch):
         for _ in range(2):
             _backward(layer(*args))
 
