@@ -127,29 +127,34 @@ def draw_bench(bench, hardware, records, out_dir):
 
 
 def draw_vq_memory(hardware, records, out_dir):
-    """Peak memory of ``vector_quantize`` against K, a line per candidate and (N, D);
+    """Peak memory of ``vector_quantize`` against K, a line per candidate and (N, D, dtype);
     None where no record has a peak."""
     rows = [r for r in records if r["op"] == "vector_quantize" and r.get("peak_mib") is not None]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    colors, markers = {}, {}
     lines = {}
     for r in rows:
         n, k, d = r["shape"]
-        lines.setdefault((r["candidate"], n, d, r["dtype"]), []).append((k, r["peak_mib"]))
-    for (candidate, n, d, dtype), points in sorted(lines.items()):
+        lines.setdefault((r["candidate"], (n, d, r["dtype"])), []).append((k, r["peak_mib"]))
+    candidates = _unique(candidate for candidate, _ in sorted(lines))
+    groups = _unique(group for _, group in sorted(lines))
+    for (candidate, group), points in sorted(lines.items()):
         points.sort()
-        color = colors.setdefault(candidate, f"C{len(colors)}")
-        marker = markers.setdefault((n, d, dtype), "osD^v<>"[len(markers) % 7])
-        ax.plot([k for k, _ in points], [m for _, m in points], color=color, marker=marker,
-                label=f"{candidate}, N={n} D={d}" + ("" if dtype == "float32" else f" {dtype}"))
+        ax.plot([k for k, _ in points], [m for _, m in points], color=f"C{candidates.index(candidate)}",
+                marker="osD^v<>"[groups.index(group) % 7])
+    # two legends: colour = candidate, marker = (N, D) of the run
+    handles = [plt.Line2D([], [], color=f"C{i}", label=c) for i, c in enumerate(candidates)]
+    handles += [plt.Line2D([], [], color="grey", linestyle="", marker="osD^v<>"[i % 7],
+                           label=f"N={n} D={d}" + ("" if dtype == "float32" else f" {dtype}"))
+                for i, (n, d, dtype) in enumerate(groups)]
     ax.set_xscale("log", base=2)
     ax.set_yscale("symlog", linthresh=1.0)  # fastvae's peak is ~0: outputs only, no (N, K) matrix
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("codebook size K")
     ax.set_ylabel("peak memory above the start (MiB)")
     ax.set_title(f"vector_quantize forward on {hardware}: peak memory as K grows")
-    ax.legend(fontsize=7)
+    ax.legend(handles=handles, fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path = os.path.join(out_dir, f"vq-memory-{hardware}.png")
