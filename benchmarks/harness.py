@@ -186,7 +186,8 @@ def parser(description):
                    help="timed samples per candidate, the median reported (default: 15; 7 in the default CPU suite)")
     p.add_argument("--quick", action="store_true", help="the first shape of each list only (smoke test)")
     p.add_argument("--full", action="store_true",
-                   help="every CPU shape (the complete suite: tens of minutes on 2 cores); CUDA runs all GPU shapes anyway")
+                   help="every CPU shape (the complete suite: tens of minutes on 2 cores); CUDA runs every GPU "
+                        "shape anyway")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile candidates")
     p.add_argument("--out", default=None, help="JSON file for the results (default: benchmarks/results/...)")
     p.add_argument("--dtypes", default=None,

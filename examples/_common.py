@@ -96,7 +96,8 @@ def train(args, model, step, train_x, train_y, desc):
             index += 1
             bar.update(1)
             if index % 10 == 0:
-                bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.4g}", **{k: f"{v:.3g}" for k, v in logs.items()})
+                bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.4g}",
+                                **{k: f"{v:.3g}" for k, v in logs.items()})
     bar.close()
     model.eval()
     timed = seconds[10:] or seconds
