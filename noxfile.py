@@ -1,6 +1,6 @@
 """The project's two jobs, each on a fresh machine with nothing but Python and pip:
 
-    python -m pip install nox && python -m nox -s bench   # the benchmark suite, printing its tables
+    python -m pip install nox && python -m nox -s bench   # the benchmark suite: tables, JSON, figures
     python -m pip install nox && python -m nox -s tests   # the test suite
     python -m nox -s gpu                                    # on a CUDA machine: gpu tests + GPU benchmarks
     python -m pip install nox && python -m nox -s wheel   # the wheel, tested at the baseline level
@@ -35,14 +35,16 @@ def _install(session, extras):
 @nox.session(venv_params=["--system-site-packages"])
 def tests(session):
     """Build, then run the whole test suite (Triton kernels under the interpreter on CPU)."""
-    _install(session, ["pytest", "pytest-xdist", "scipy", "triton", "vector-quantize-pytorch", "diffusers"])
+    _install(session, ["pytest", "pytest-xdist", "scipy", "triton", "vector-quantize-pytorch", "diffusers",
+                       "scikit-learn", "tqdm", "matplotlib"])  # the last three: examples and figures
     session.run("python", "-m", "pytest", "-n", "2", "--durations=15", *session.posargs)
 
 
 @nox.session(venv_params=["--system-site-packages"])
 def bench(session):
-    """Build, then run every benchmark on the default device and print the tables."""
-    _install(session, ["faiss-cpu", "vector-quantize-pytorch", "scikit-learn", "diffusers"])
+    """Build, then run the benchmark suite on the default device (a representative suite on a
+    CPU, a few minutes; ``-- --full`` for every shape), print the tables, draw the figures."""
+    _install(session, ["faiss-cpu", "vector-quantize-pytorch", "scikit-learn", "diffusers", "tqdm", "matplotlib"])
     session.run("python", "benchmarks/run_all.py", *session.posargs)
 
 

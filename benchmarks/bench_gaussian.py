@@ -13,6 +13,7 @@ from harness import Case, against_torch, compiled, forward_backward
 
 CPU_SHAPES = [(256, 128), (4096, 512), (65536, 256)]
 GPU_SHAPES = [(65536, 256), (1048576, 256)]
+CPU_DEFAULT_SHAPES = [(4096, 512)]  # the default suite's (see harness.shapes)
 # Encoder outputs (B, 2C, H, W): a Stable-Diffusion-like latent of 8 channels at 64x64
 POSTERIOR_SHAPES = [(16, 16, 64, 64)]
 
@@ -39,7 +40,7 @@ OPS = {
 
 def cases(args):
     on_gpu = args.device.startswith("cuda")
-    shapes = (GPU_SHAPES if on_gpu else CPU_SHAPES)[:1 if args.quick else None]
+    shapes = harness.shapes(args, GPU_SHAPES if on_gpu else CPU_SHAPES, CPU_DEFAULT_SHAPES)
     for dtype in harness.dtypes(args):
         for shape in shapes:
             mu = torch.randn(shape, device=args.device, dtype=dtype)
@@ -75,7 +76,7 @@ def posterior_cases(args, dtype):
         posterior = DiagonalGaussianDistribution(params)
         return posterior.sample(), posterior.kl()
 
-    for shape in POSTERIOR_SHAPES[:1 if args.quick else None]:
+    for shape in harness.shapes(args, POSTERIOR_SHAPES, POSTERIOR_SHAPES):
         params = torch.randn(shape, device=args.device, dtype=dtype)
         half = params.element_size() * params.numel() // 2
         comp = compiled(diffusers, args)

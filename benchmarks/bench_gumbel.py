@@ -23,6 +23,7 @@ from harness import Case, against_torch, compiled, fastvae_candidates, forward_b
 
 CPU_SHAPES = [(256, 64), (4096, 512), (32768, 8192)]
 GPU_SHAPES = [(256, 64), (4096, 512), (32768, 8192)]
+CPU_DEFAULT_SHAPES = [(4096, 512)]  # the default suite's (see harness.shapes)
 # Eager PyTorch takes tens of seconds per call at the largest CPU shape: fewer samples there.
 LARGE_ELEMENTS = 2**26
 LARGE_SAMPLES = 2
@@ -30,7 +31,7 @@ LARGE_SAMPLES = 2
 
 def cases(args):
     on_gpu = args.device.startswith("cuda")
-    shapes = (GPU_SHAPES if on_gpu else CPU_SHAPES)[:1 if args.quick else None]
+    shapes = harness.shapes(args, GPU_SHAPES if on_gpu else CPU_SHAPES, CPU_DEFAULT_SHAPES)
     for dtype in harness.dtypes(args):
         for shape in shapes:
             logits = torch.randn(shape, device=args.device, dtype=dtype)
@@ -105,10 +106,13 @@ class TamingGumbelQuantize(torch.nn.Module):
 
 # (B, in_channels, H, W), codes, code size: DALL-E's 8192 codes on a 32x32 grid
 QUANTIZER_SHAPES = [((8, 256, 32, 32), 8192, 256)]
+# the default and quick suites': seconds a call at DALL-E's shape on a CPU
+QUANTIZER_SMALL_SHAPES = [((4, 64, 16, 16), 512, 64)]
 
 
 def quantizer_cases(args, dtype):
-    for shape, num_codes, dim in QUANTIZER_SHAPES[:1 if args.quick else None]:
+    for shape, num_codes, dim in harness.shapes(args, QUANTIZER_SHAPES, QUANTIZER_SMALL_SHAPES,
+                                                QUANTIZER_SMALL_SHAPES):
         x = torch.randn(shape, device=args.device, dtype=dtype)
         n = shape[0] * shape[2] * shape[3]
         for hard in (False, True):

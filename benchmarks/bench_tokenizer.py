@@ -1,6 +1,10 @@
 """VQ tokenizer layers (issue 11's targets) against the peers users switch from.
 
-    python benchmarks/bench_tokenizer.py [--device cpu] [--quick] [--samples 3]
+    python benchmarks/bench_tokenizer.py [--device cpu] [--full] [--samples 3]
+
+The default and --quick suites on a CPU run the residual and cosine cases at a tenth and an
+eighth of the tokens, k-means at the first shape with an eighth of the rows and a quarter of
+the clusters.
 
 * residual VQ forward+backward at EnCodec's shape (N=24000, D=128, K=1024, R=8), EMA
   decay 0.8, commitment 1, training mode: ``fastvae.nn.ResidualVectorQuantizer`` against
@@ -46,7 +50,7 @@ def _training_step(layer, x, loss_of):
 
 
 def residual_cases(args):
-    n, d, k, r = (2400 if args.quick else 24000), 128, 1024, 8
+    n, d, k, r = (24000 if harness.suite(args) == "full" else 2400), 128, 1024, 8
     x = torch.randn(n, d, device=args.device)
     ours = fastvae.nn.ResidualVectorQuantizer(r, k, d, beta=1.0, ema_decay=0.8).to(args.device)
     codebooks = torch.randn(r, k, d, device=args.device) * torch.logspace(0, -1, r, device=args.device)[:, None, None]
@@ -91,8 +95,9 @@ def residual_cases(args):
 
 
 def kmeans_cases(args):
-    for n, k, d in KMEANS_SHAPES[:1] if args.quick else KMEANS_SHAPES:
-        n = n // 8 if args.quick else n
+    full = harness.suite(args) == "full"
+    for n, k, d in KMEANS_SHAPES if full else KMEANS_SHAPES[:1]:
+        n, k = (n, k) if full else (n // 8, k // 4)
         x = torch.randn(n, d, device=args.device)
         init = x[torch.randperm(n, device=args.device)[:k]].clone()
         candidates = {"fastvae.kmeans": lambda: fastvae.kmeans(x, k, iters=10)}
@@ -119,7 +124,7 @@ def kmeans_cases(args):
 
 
 def cosine_cases(args):
-    n, d, k, cd = (4096 if args.quick else 32768), 256, 16384, 8
+    n, d, k, cd = (32768 if harness.suite(args) == "full" else 4096), 256, 16384, 8
     x = torch.randn(n, d, device=args.device)
     ours = fastvae.nn.VectorQuantizer(k, d, beta=1.0, ema_decay=0.8, cosine=True, codebook_dim=cd,
                                       estimator="rotation", codebook_init="kaiming").to(args.device)

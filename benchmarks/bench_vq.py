@@ -8,7 +8,9 @@ nearest_code: ``torch.cdist(x, e).argmin(1)``, the matmul expansion
 argmin, gather, loss) and ``vector_quantize_pytorch.VectorQuantize`` (eval, no grad).
 Peer packages are optional: a missing one's column is skipped with a note. Floor: the
 ``2 N K D`` FLOPs of the distance GEMM over the measured float32 matrix rate. Peak memory
-is measured per candidate (O(N) for fastvae; the alternatives hold the (N, K) matrix).
+is measured per candidate (O(N) for fastvae; the alternatives hold the (N, K) matrix);
+``vector_quantize`` also runs at a fixed (N, D) as K grows (``MEMORY_SWEEP``: the
+memory figure of ``plots.py``).
 """
 import itertools
 
@@ -19,6 +21,12 @@ import harness
 from harness import Case, add_peer, compiled, fastvae_candidates
 
 SHAPES = [(16384, 1024, 256), (65536, 8192, 256), (65536, 16384, 8), (131072, 512, 64)]
+CPU_DEFAULT_SHAPES = SHAPES[:1]  # the default suite's (see harness.shapes)
+# vector_quantize at N=16384, D=32 as K grows. On a CPU the peak is read from the resident
+# set, which sees fresh mappings only: glibc serves blocks up to 32 MiB from memory it
+# already holds (a 32 MiB matrix measured 0), so the smallest (N, K) matrix here is 64 MiB.
+# vector-quantize-pytorch peaks near 1 GiB at the largest K.
+MEMORY_SWEEP = [(16384, k, 32) for k in (1024, 2048, 4096)]
 # Above this many FLOPs the slow alternatives take seconds a call on a CPU: 3 samples.
 LARGE_FLOPS = 10**11
 
@@ -79,7 +87,7 @@ def vqp_candidate(x, codebook):
 
 
 def cases(args):
-    shapes = SHAPES[:1] if args.quick else SHAPES
+    shapes = harness.shapes(args, SHAPES, CPU_DEFAULT_SHAPES)
     for dtype, (n, k, d) in itertools.product(harness.dtypes(args), shapes):
         x = torch.randn(n, d, device=args.device, dtype=dtype)
         codebook = torch.randn(k, d, device=args.device, dtype=dtype)
@@ -96,12 +104,21 @@ def cases(args):
         yield Case("nearest_code", (n, k, d), candidates, flops=flops, device=args.device, dtype=dtype, memory=True,
                    max_samples=max_samples)
 
-        candidates = fastvae_candidates(lambda: fastvae.vector_quantize(x, codebook), args.device,
-                                        ["vector_quantize"])
-        candidates["eager VQ layer"] = lambda: eager_vector_quantize(x, codebook)
-        add_peer(candidates, "vector-quantize-pytorch", vqp_candidate(x, codebook))
-        yield Case("vector_quantize", (n, k, d), candidates, flops=flops, device=args.device, dtype=dtype,
-                   memory=True, max_samples=max_samples)
+        yield vector_quantize_case(x, codebook, args, max_samples)
+    if harness.suite(args) != "quick":
+        for dtype, (n, k, d) in itertools.product(harness.dtypes(args), MEMORY_SWEEP):
+            x = torch.randn(n, d, device=args.device, dtype=dtype)
+            yield vector_quantize_case(x, torch.randn(k, d, device=args.device, dtype=dtype), args, max_samples=3)
+
+
+def vector_quantize_case(x, codebook, args, max_samples):
+    """vector_quantize forward against the eager layer and vector-quantize-pytorch, with peak memory."""
+    candidates = fastvae_candidates(lambda: fastvae.vector_quantize(x, codebook), args.device, ["vector_quantize"])
+    candidates["eager VQ layer"] = lambda: eager_vector_quantize(x, codebook)
+    add_peer(candidates, "vector-quantize-pytorch", vqp_candidate(x, codebook))
+    return Case("vector_quantize", (x.shape[0], codebook.shape[0], x.shape[1]), candidates,
+                flops=2 * x.shape[0] * codebook.shape[0] * x.shape[1], device=args.device, dtype=x.dtype,
+                memory=True, max_samples=max_samples)
 
 
 if __name__ == "__main__":

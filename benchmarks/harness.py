@@ -10,16 +10,26 @@ fraction of the hardware floor reached:
   the copy bandwidth measured on the spot;
 * compute floor: ``flops`` over the matrix rate measured on the spot (float32 GEMM).
 
-Results also go to a JSON file (``--out``), one record per (case, candidate).
+Results also go to a JSON file (``--out``), one record per (case, candidate). One
+progress bar (tqdm, where installed) runs over every case of the run.
+
+Suites: the default is a representative CPU suite (every op, forward and forward+backward,
+at one or two shapes: all benchmarks in a few minutes on a 2-core CPU); ``--full`` runs
+every shape; ``--quick`` the first shape of each list (a smoke test). On CUDA the default
+is the benchmarks' GPU shapes, all of them.
 """
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
+import traceback
 
 import torch
 
@@ -135,7 +145,8 @@ def _floor_seconds(case):
 
 
 def run_case(case, args):
-    samples = min(args.samples, case.max_samples or args.samples)
+    samples = args.samples or (7 if suite(args) == "default" else 15)
+    samples = min(samples, case.max_samples or samples)
     times = time_interleaved(case.candidates, case.device, samples=samples)
     floor = _floor_seconds(case)
     ours = {n: t for n, t in times.items() if n.startswith("fastvae")}
@@ -171,13 +182,31 @@ def _print_records(records, floor):
 def parser(description):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--samples", type=int, default=15, help="timed samples per candidate (median reported)")
-    p.add_argument("--quick", action="store_true", help="smallest shapes only (smoke test)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="timed samples per candidate, the median reported (default: 15; 7 in the default CPU suite)")
+    p.add_argument("--quick", action="store_true", help="the first shape of each list only (smoke test)")
+    p.add_argument("--full", action="store_true",
+                   help="every CPU shape (the complete suite: tens of minutes on 2 cores); CUDA runs every GPU "
+                        "shape anyway")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile candidates")
     p.add_argument("--out", default=None, help="JSON file for the results (default: benchmarks/results/...)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated input dtypes, e.g. float32,bfloat16 (default: those two on CUDA, float32 on CPU)")
     return p
+
+
+def suite(args):
+    """``"quick"``, ``"full"`` or ``"default"``: the suite the flags ask for (CUDA: full unless --quick)."""
+    if args.quick:
+        return "quick"
+    return "full" if args.full or args.device.startswith("cuda") else "default"
+
+
+def shapes(args, full, representative, quick=None):
+    """The shapes a benchmark runs of its list ``full``: ``quick`` (default: the first of
+    ``full``) for --quick, all of them for --full (and on CUDA), else ``representative``
+    (the default CPU suite)."""
+    return {"quick": quick or full[:1], "full": full, "default": representative}[suite(args)]
 
 
 def dtypes(args):
@@ -210,14 +239,20 @@ def _cpu_model():
         return platform.processor() or platform.machine()
 
 
-def save(name, records, device, out=None):
-    tag = torch.cuda.get_device_name().replace(" ", "_") if torch.device(device).type == "cuda" else "cpu"
-    path = out or os.path.join(os.path.dirname(__file__), "results",
-                               f"{name}-{tag}-{datetime.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def save(name, records, args, out=None):
+    """Write ``records`` to ``out``, else to ``results/<name>-<device>[-<suite>]-<date>.json``
+    (no suite in the name for the full suite)."""
+    tag = torch.cuda.get_device_name().replace(" ", "_") if torch.device(args.device).type == "cuda" else "cpu"
+    run = suite(args)
+    path = out or os.path.join(RESULTS, "-".join([name, tag] + ([] if run == "full" else [run]) +
+                                                 [datetime.date.today().isoformat()]) + ".json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"environment": environment(device), "records": records}, f, indent=1)
-    print(f"\nresults written to {path}")
+        json.dump({"bench": name, "suite": run, "environment": environment(args.device), "records": records},
+                  f, indent=1)
     return path
 
 
@@ -299,11 +334,82 @@ def add_peer(candidates, name, peer):
         print(note)
 
 
+def _count_cases(cases, args):
+    """How many cases ``cases(args)`` yields: a dry pass that builds each case's inputs
+    (one case at a time) and times nothing; its notes are not printed twice."""
+    count = 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            for _ in cases(args):
+                count += 1
+        except Exception:  # the timed pass reports it
+            pass
+    return count
+
+
+class _Progress:
+    """One tqdm bar over every case of a run, printed lines going above it; a line per case
+    where tqdm is not installed."""
+
+    def __init__(self, total):
+        self.done, self.total = 0, total
+        try:
+            from tqdm import tqdm
+            from tqdm.contrib import DummyTqdmFile
+        except ImportError:
+            self.bar, self.stdout = None, contextlib.nullcontext()
+            return
+        self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True, smoothing=0)
+        self.stdout = contextlib.redirect_stdout(DummyTqdmFile(sys.stdout))
+
+    def start(self, name, case):
+        label = f"{name}: {case.op} {case.mode} {tuple(case.shape)}"
+        if self.bar is None:
+            print(f"[{self.done + 1}/{self.total}] {label}", flush=True)
+        else:
+            self.bar.set_description_str(label[:60])
+
+    def advance(self):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_benches(benches, args):
+    """Run each ``(name, cases)`` of ``benches`` in turn under one progress bar, saving a
+    benchmark's records after each of its cases (a crash or kill keeps what was measured).
+    ``args.out`` is the JSON file for one benchmark, a folder (``<name>.json`` each) for
+    several. A benchmark that raises is reported and the next one runs. Returns
+    ``({name: path}, [names that failed])``."""
+    progress = _Progress(sum(_count_cases(cases, args) for _, cases in benches))
+    paths, failed = {}, []
+    with progress.stdout:
+        for name, cases in benches:
+            out = os.path.join(args.out, f"{name}.json") if args.out and len(benches) > 1 else args.out
+            print(f"\n=== {name} ({suite(args)} suite)")
+            records = []
+            try:
+                for case in cases(args):
+                    progress.start(name, case)
+                    records += run_case(case, args)
+                    paths[name] = save(name, records, args, out or paths.get(name))
+                    progress.advance()
+            except Exception:
+                traceback.print_exc(file=sys.stdout)
+                failed.append(name)
+            if name in paths:
+                print(f"\nresults written to {paths[name]}")
+    progress.close()
+    return paths, failed
+
+
 def main(name, cases, description):
-    """Parse the common flags, run every case of ``cases(args)`` and save the records
-    after each case (a crash or kill keeps what was measured)."""
+    """Parse the common flags and run every case of ``cases(args)`` (see ``run_benches``)."""
     args = parser(description).parse_args()
-    records, path = [], None
-    for case in cases(args):
-        records += run_case(case, args)
-        path = save(name, records, args.device, args.out or path)
+    _, failed = run_benches([(name, cases)], args)
+    if failed:
+        sys.exit(1)
