@@ -1,4 +1,4 @@
-"""The main job: every ``bench_*.py`` here, in one process under one progress bar over all
+"""The main job: every ``bench_*.py`` here that defines harness ``cases``, in one process under one progress bar over all
 their cases, then the figures (``plots.py``).
 
     python benchmarks/run_all.py [--full | --quick] [--device cuda] [--no-compile] [--out DIR]
@@ -23,7 +23,11 @@ def main():
     args = harness.parser(__doc__).parse_args()
     names = [os.path.basename(path)[len("bench_"):-len(".py")]
              for path in sorted(glob.glob(os.path.join(HERE, "bench_*.py")))]
-    benches = [(name, importlib.import_module(f"bench_{name}").cases) for name in names]
+    modules = {name: importlib.import_module(f"bench_{name}") for name in names}
+    # A benchmark without harness cases (bench_distributed: its own processes) runs on its own.
+    benches = [(name, module.cases) for name, module in modules.items() if hasattr(module, "cases")]
+    for name in sorted(set(modules) - {name for name, _ in benches}):
+        print(f"bench_{name}.py is not part of the main job; run it alone: python benchmarks/bench_{name}.py")
     paths, failed = harness.run_benches(benches, args)
     try:
         import plots
