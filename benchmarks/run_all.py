@@ -1,5 +1,5 @@
-"""The main job: every ``bench_*.py`` here that defines harness ``cases``, in one process under one progress bar over all
-their cases, then the figures (``plots.py``).
+"""The main job: every ``bench_*.py`` here that defines harness ``cases``, in one process
+under one progress bar over all their cases, then the figures (``plots.py``).
 
     python benchmarks/run_all.py [--full | --quick] [--device cuda] [--no-compile] [--out DIR]
 
