@@ -39,10 +39,13 @@ def load(paths):
     for path in paths:
         with open(path) as f:
             data = json.load(f)
+        records = data.get("records", [])
+        if not all({"op", "mode", "shape", "dtype", "candidate"} <= record.keys() for record in records):
+            continue  # not the harness's records (bench_distributed writes its own kind)
         bench = data.get("bench") or os.path.basename(path).split("-")[0]
         environment = data.get("environment", {})
         dated.append(((environment.get("date", ""), os.path.getmtime(path)), bench, _hardware(environment),
-                      data.get("records", [])))
+                      records))
     newest = {}
     for _, bench, hardware, records in sorted(dated, key=lambda item: item[0]):
         for r in records:

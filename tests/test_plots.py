@@ -67,7 +67,10 @@ def test_figures_from_a_results_file(tmp_path):
     older = [_record("gumbel_softmax", "forward", (256, 64), "torch eager", 40.0, speedup=40.0, floor=0.01)]
     files = [_results_file(tmp_path / "gumbel.json", "gumbel", records),
              _results_file(tmp_path / "old.json", "gumbel", older, date="2026-11-01"),
-             _results_file(tmp_path / "vq.json", "vq", vq)]
+             _results_file(tmp_path / "vq.json", "vq", vq),
+             # bench_distributed's own kind of record: not drawn, and no failure
+             _results_file(tmp_path / "distributed.json", "distributed",
+                           [{"op": "VectorQuantizer", "shape": [32768, 256], "sync_ms": 68.0}])]
     assert [r["median_ms"] for r in plots.load(files)[("gumbel", "cpu")]
             if r["candidate"] == "torch eager" and r["shape"] == [256, 64] and r["mode"] == "forward"] == [4.0]
     written = plots.draw(files, str(tmp_path / "figures"))
