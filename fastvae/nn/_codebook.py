@@ -5,17 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._common import check_size
 from ..ops.vq import ESTIMATORS
 
 CODEBOOK_INITS = ("uniform", "normal", "kaiming")
 
 
 def check_tokenizer_options(*, kmeans_iters, codebook_dim, estimator, ema_debias, ema_decay, codebook_init):
-    if isinstance(kmeans_iters, bool) or not isinstance(kmeans_iters, int) or kmeans_iters < 1:
-        raise ValueError(f"kmeans_iters must be a positive int, got {kmeans_iters!r}")
-    if codebook_dim is not None and (isinstance(codebook_dim, bool) or not isinstance(codebook_dim, int)
-                                     or codebook_dim < 1):
-        raise ValueError(f"codebook_dim must be None or a positive int, got {codebook_dim!r}")
+    check_size("kmeans_iters", kmeans_iters)
+    if codebook_dim is not None:
+        check_size("codebook_dim", codebook_dim)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {estimator!r}")
     if ema_debias and ema_decay is None:

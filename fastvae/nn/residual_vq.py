@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._common import check_size
 from ._sync import CodebookSync
 from .vq import VectorQuantizer
 
@@ -38,8 +39,7 @@ class ResidualVectorQuantizer(nn.Module):
                  dead_code_threshold=0.0, kmeans_init=False, quantize_dropout=False, shared_codebook=False, sync=None,
                  device=None, dtype=None):
         super().__init__()
-        if isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int) or num_quantizers < 1:
-            raise ValueError(f"num_quantizers must be a positive int, got {num_quantizers!r}")
+        num_quantizers = check_size("num_quantizers", num_quantizers)
         self.num_quantizers, self.num_codes, self.dim = num_quantizers, num_codes, dim
         self.beta, self.channel_dim = beta, channel_dim
         self.quantize_dropout, self.shared_codebook = quantize_dropout, shared_codebook

@@ -7,7 +7,7 @@ the same sorted grouping through torch ops around the search kernel; torch: ``in
 """
 import torch
 
-from ._common import check_float, define
+from ._common import check_float, check_size, define
 from .vq import nearest_code
 
 _segment_mean = define(
@@ -38,8 +38,7 @@ def kmeans(x, num_clusters, *, iters=10, generator=None):
     check_float("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}")
-    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
-        raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
+    num_clusters = check_size("num_clusters", num_clusters)
     if num_clusters > x.shape[0]:
         raise ValueError(f"num_clusters ({num_clusters}) exceeds the number of rows of x ({x.shape[0]}); "
                          "k-means needs at least one row per cluster")
