@@ -20,8 +20,8 @@ struct Draw4 {
   uint32_t v[4];
 };
 
-// The ten rounds of Philox-4x32 on a 32-bit word type W: uint32_t here, eight-lane
-// vectors in csrc/cpu/vec8.h. mulhilo(x, multiplier, &lo) returns the high half.
+// The ten rounds of Philox-4x32 on a 32-bit word type W: uint32_t here, one-register
+// vectors in csrc/cpu/simd.h. mulhilo(x, multiplier, &lo) returns the high half.
 template <typename W, typename MulHiLo>
 FASTVAE_HD void philox_rounds(W& c0, W& c1, W& c2, W& c3, uint64_t seed, MulHiLo mulhilo) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);

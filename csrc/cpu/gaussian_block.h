@@ -1,7 +1,7 @@
 // Gaussian column, CPU: the arithmetic of each op over one block of at most
 // kMaxNormalBlock elements held as float32 arrays. csrc/cpu/gaussian.cpp cuts tensors into
 // blocks, loads them, and calls these; each loop vectorises (restrict: no aliasing), and
-// the backward's noise recovery, which needs lane masks, is written with vec8 vectors.
+// the backward's noise recovery, which needs lane masks, is written with simd.h vectors.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -9,7 +9,7 @@
 #include <type_traits>
 
 #include "normal_block.h"
-#include "vec8.h"
+#include "simd.h"
 #include "vecmath.h"
 
 namespace fastvae {
@@ -144,8 +144,8 @@ inline void regenerated_noise(uint64_t seed, int64_t begin, int64_t len, Floats 
 // within 16% of it, so few elements are redone needlessly (N(0, 1) mu and logvar: 0.08%,
 // against 0.06% lost by the exact test). log2(std) is clamped to [-126, 124] so that
 // the bound is a normal float; a NaN logvar gives -126 (regenerated).
-FASTVAE_VECMATH vec8::VecI digits_lost(vec8::VecF mu, vec8::VecF logvar) {
-  using namespace vec8;
+FASTVAE_VECMATH simd::VecI digits_lost(simd::VecF mu, simd::VecF logvar) {
+  using namespace simd;
   VecF log2_std = 0.72134752044448170f * logvar;  // log2(e) / 2
   log2_std = select(log2_std >= -126.0f, log2_std, splat(-126.0f));
   log2_std = select(log2_std <= 124.0f, log2_std, splat(124.0f));
@@ -158,7 +158,7 @@ FASTVAE_VECMATH vec8::VecI digits_lost(vec8::VecF mu, vec8::VecF logvar) {
 }
 
 // A pass over a block with z - mu standing for std * eps: pass(j, count, z - mu) for
-// elements j .. j + count - 1 (count = 8 but at the block's ragged end; lanes past count
+// elements j .. j + count - 1 (count = simd::kLanes but at the block's ragged end; lanes past count
 // are zero), noting where the digits were lost.
 class RecoveredNoise {
  public:
@@ -166,7 +166,7 @@ class RecoveredNoise {
 
   template <typename Pass>
   RecoveredNoise(Floats m, Floats v, Floats z, int64_t len, const Pass& pass) {
-    using namespace vec8;
+    using namespace simd;
     const auto step = [&](int64_t j, int64_t count) __attribute__((always_inline)) {
       const VecF mu = load_first(m + j, count);
       pass(j, count, load_first(z + j, count) - mu);
@@ -180,7 +180,7 @@ class RecoveredNoise {
   }
 
   // Redoes the lost elements: redo(e, std * eps regenerated) for each element e of a group
-  // holding one (e < len), the groups eight at a time. Returns false, redoing nothing,
+  // holding one (e < len), the groups kLanes at a time. Returns false, redoing nothing,
   // where so many were lost that regenerating the whole block costs less.
   template <typename Redo>
   bool redo_lost(uint64_t seed, int64_t begin, int64_t len, Floats v, const Redo& redo) const {
@@ -220,8 +220,8 @@ class RecoveredNoise {
 
 inline void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Floats v, Floats z, FloatsOut noise) {
   if (z == nullptr) return regenerated_noise(seed, begin, len, v, noise);
-  const RecoveredNoise recovered(m, v, z, len, [&](int64_t j, int64_t count, vec8::VecF scaled) {
-    vec8::store_first(noise + j, scaled, count);
+  const RecoveredNoise recovered(m, v, z, len, [&](int64_t j, int64_t count, simd::VecF scaled) {
+    simd::store_first(noise + j, scaled, count);
   });
   if (!recovered.redo_lost(seed, begin, len, v, [&](int64_t e, float scaled) { noise[e] = scaled; })) {
     regenerated_noise(seed, begin, len, v, noise);
@@ -233,7 +233,7 @@ inline void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Fl
 // overlap (a pass per output measured 1.5x slower on one core at (4096, 512)).
 inline void sample_grad_pass(uint64_t seed, int64_t begin, int64_t len, Floats gz, Floats m, Floats v, Floats z,
                              FloatsOut g_lv, FloatsOut g_mu) {
-  using namespace vec8;
+  using namespace simd;
   if (z != nullptr) {
     const RecoveredNoise recovered(m, v, z, len, [&](int64_t j, int64_t count, VecF scaled) {
       const VecF g = load_first(gz + j, count);

@@ -1,13 +1,14 @@
 // Gumbel column, C++ CPU kernels: gumbel_softmax (soft and hard) and its backward (from
 // the seed, or from the soft sample); the categorical KL is in gumbel_kl.cpp. The noise
 // of element (row, c) is lane c % 4 of Philox quad c / 4 of `row` (reference.py), made
-// eight quads or eight rows at a time and never stored.
+// kLanes quads or kLanes rows at a time (simd.h: 8 with AVX2, 4 at the baseline) and
+// never stored.
 //
 // Two loop shapes, chosen by layout:
-// * rows_in_lanes: `dim` last and contiguous, K >= 32. One row at a time; the eight
-//   vector lanes are eight consecutive quads (32 columns), interleaved into column order.
+// * rows_in_lanes: `dim` last and contiguous, K >= 4 kLanes. One row at a time; the
+//   vector lanes are kLanes consecutive quads (4 kLanes columns), interleaved into column order.
 // * rows_across_lanes: anything else (`dim` not last, e.g. (B, K, H, W) with dim=1, or
-//   narrow K). Eight rows at a time, one per lane; for `dim` not last those rows are
+//   narrow K). kLanes rows at a time, one per lane; for `dim` not last those rows are
 //   adjacent in memory, so every column is one contiguous vector load and store.
 // Softmax is online: one sweep over the columns makes z = logits + noise, the running max
 // and the sum, storing exp((z - running max) / tau) and the max of each chunk; a second
@@ -30,19 +31,19 @@
 #include "../common.h"
 #include "../ops.h"
 #include "rows.h"
-#include "vec8.h"
+#include "simd.h"
 
 namespace fastvae {
 namespace {
 
-using vec8::kLanes;
-using vec8::VecF;
-using vec8::VecI;
-using vec8::VecU;
+using simd::kLanes;
+using simd::VecF;
+using simd::VecI;
+using simd::VecU;
 
 enum class Mode { kSoft, kHard, kBackward, kBackwardFromSample };
 
-constexpr int kWideChunk = 4 * kLanes;  // columns per step of rows_in_lanes (8 quads)
+constexpr int kWideChunk = 4 * kLanes;  // columns per step of rows_in_lanes (kLanes quads)
 constexpr int kTileChunk = 16;          // columns per online-softmax step of rows_across_lanes
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -55,14 +56,14 @@ struct GumbelProblem {
 };
 
 // ---------------------------------------------------------------- rows_in_lanes
-// Gumbel noise of columns 32 * chunk .. 32 * chunk + 31 of `row`, in column order.
+// Gumbel noise of columns kWideChunk * chunk .. kWideChunk * (chunk + 1) - 1 of `row`, in column order.
 inline void noise_of_chunk(uint64_t seed, uint64_t row, int64_t chunk, VecF out[4]) {
   VecU bits[4];
-  vec8::philox(seed, (VecU)vec8::lane_index() + static_cast<uint32_t>(kLanes * chunk),
-               vec8::splat_u(static_cast<uint32_t>(row)), vec8::splat_u(static_cast<uint32_t>(row >> 32)), bits);
+  simd::philox(seed, (VecU)simd::lane_index() + static_cast<uint32_t>(kLanes * chunk),
+               simd::splat_u(static_cast<uint32_t>(row)), simd::splat_u(static_cast<uint32_t>(row >> 32)), bits);
   VecF lanes[4];
-  for (int k = 0; k < 4; ++k) lanes[k] = vec8::gumbel_from_bits(bits[k]);
-  vec8::interleave4(lanes, out);
+  for (int k = 0; k < 4; ++k) lanes[k] = simd::gumbel_from_bits(bits[k]);
+  simd::interleave4(lanes, out);
 }
 
 template <typename scalar_t, Mode mode>
@@ -75,16 +76,16 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
     // Per-slot running argmax of logits + noise; a strict > keeps the lowest column.
     VecF best[4];
     VecI best_col[4], finite = ~VecI{};
-    for (int v = 0; v < 4; ++v) best[v] = vec8::splat(-kInf), best_col[v] = VecI{} - 1;
+    for (int v = 0; v < 4; ++v) best[v] = simd::splat(-kInf), best_col[v] = VecI{} - 1;
     for (int64_t j = 0; j < chunks; ++j) {
       VecF noise[4];
       noise_of_chunk(p.seed, row, j, noise);
       for (int v = 0; v < 4; ++v) {
-        const VecF z = vec8::load(buf + kWideChunk * j + kLanes * v) + noise[v];
+        const VecF z = simd::load(buf + kWideChunk * j + kLanes * v) + noise[v];
         finite &= z < kInf;
         const VecI better = z > best[v];
-        best[v] = vec8::select(better, z, best[v]);
-        best_col[v] = vec8::select(better, vec8::lane_index() + static_cast<int32_t>(kWideChunk * j + kLanes * v),
+        best[v] = simd::select(better, z, best[v]);
+        best_col[v] = simd::select(better, simd::lane_index() + static_cast<int32_t>(kWideChunk * j + kLanes * v),
                                    best_col[v]);
       }
     }
@@ -94,7 +95,7 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
       for (int lane = 0; lane < kLanes; ++lane)
         if (best[v][lane] > top || (best[v][lane] == top && best_col[v][lane] < top_col && best_col[v][lane] >= 0))
           top = best[v][lane], top_col = best_col[v][lane];
-    const bool nan_row = vec8::lane_bits(finite) != (1u << kLanes) - 1;
+    const bool nan_row = simd::lane_bits(finite) != (1u << kLanes) - 1;
     std::fill(out_row, out_row + K, static_cast<scalar_t>(nan_row ? kNaN : 0.0f));
     if (top_col >= 0 && !nan_row) out_row[top_col] = static_cast<scalar_t>(1.0f);
     return;
@@ -108,10 +109,10 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
     noise_of_chunk(p.seed, row, j, noise);
     float* chunk = buf + kWideChunk * j;
     for (int v = 0; v < 4; ++v) {
-      z[v] = vec8::load(chunk + kLanes * v) + noise[v];
+      z[v] = simd::load(chunk + kLanes * v) + noise[v];
       finite &= z[v] < kInf;
     }
-    const float top = vec8::horizontal_max(vec8::max(vec8::max(z[0], z[1]), vec8::max(z[2], z[3])));
+    const float top = simd::horizontal_max(simd::max(simd::max(z[0], z[1]), simd::max(z[2], z[3])));
     if (top > running_max) {
       const float rescale = std::exp((running_max - top) * p.inv_tau);
       sum *= rescale;
@@ -121,27 +122,27 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
     chunk_max[j] = running_max;
     for (int v = 0; v < 4; ++v) {
       const VecF e = vecmath::exp_nonpositive((z[v] - running_max) * p.inv_tau);
-      vec8::store(chunk + kLanes * v, e);
+      simd::store(chunk + kLanes * v, e);
       sum += e;
-      if (mode == Mode::kBackward) grad_dot += e * vec8::load(grad_buf + kWideChunk * j + kLanes * v);
+      if (mode == Mode::kBackward) grad_dot += e * simd::load(grad_buf + kWideChunk * j + kLanes * v);
     }
   }
-  const float total = vec8::horizontal_sum(sum);
+  const float total = simd::horizontal_sum(sum);
   // An all -inf row gives zeros, a NaN row NaN.
-  const float inv_sum = vec8::lane_bits(finite) != (1u << kLanes) - 1 ? kNaN : total > 0.0f ? 1.0f / total : 0.0f;
-  const float dot = vec8::horizontal_sum(grad_dot) * inv_sum;
+  const float inv_sum = simd::lane_bits(finite) != (1u << kLanes) - 1 ? kNaN : total > 0.0f ? 1.0f / total : 0.0f;
+  const float dot = simd::horizontal_sum(grad_dot) * inv_sum;
   float scaled_max = std::nanf(""), scale = 0.0f;
   for (int64_t j = 0; j < chunks; ++j) {
     if (chunk_max[j] != scaled_max)
       scaled_max = chunk_max[j], scale = std::exp((chunk_max[j] - running_max) * p.inv_tau) * inv_sum;
     float* chunk = buf + kWideChunk * j;
     for (int v = 0; v < 4; ++v) {
-      const VecF y = vec8::load(chunk + kLanes * v) * scale;
+      const VecF y = simd::load(chunk + kLanes * v) * scale;
       if (mode == Mode::kSoft) {
-        vec8::store(chunk + kLanes * v, y);
+        simd::store(chunk + kLanes * v, y);
       } else {
-        const VecF g = vec8::load(grad_buf + kWideChunk * j + kLanes * v);
-        vec8::store(chunk + kLanes * v, y * (g - dot) * p.inv_tau);
+        const VecF g = simd::load(grad_buf + kWideChunk * j + kLanes * v);
+        simd::store(chunk + kLanes * v, y * (g - dot) * p.inv_tau);
       }
     }
   }
@@ -157,18 +158,18 @@ void from_sample_in_lanes(const GumbelProblem& p, const scalar_t* y, const scala
   load_row(y + p.x.offset(row), 1, K, padded, 0.0f, buf);
   load_row(grad + p.grad.offset(row), p.grad.class_stride, K, padded, 0.0f, grad_buf);
   VecF grad_dot{};
-  for (int64_t c = 0; c < padded; c += kLanes) grad_dot += vec8::load(buf + c) * vec8::load(grad_buf + c);
-  const float dot = vec8::horizontal_sum(grad_dot);
+  for (int64_t c = 0; c < padded; c += kLanes) grad_dot += simd::load(buf + c) * simd::load(grad_buf + c);
+  const float dot = simd::horizontal_sum(grad_dot);
   for (int64_t c = 0; c < padded; c += kLanes)
-    vec8::store(buf + c, vec8::load(buf + c) * (vec8::load(grad_buf + c) - dot) * p.inv_tau);
+    simd::store(buf + c, simd::load(buf + c) * (simd::load(grad_buf + c) - dot) * p.inv_tau);
   scalar_t* out_row = out + p.out.offset(row);
   for (int64_t c = 0; c < K; ++c) out_row[c] = static_cast<scalar_t>(buf[c]);
 }
 
 // ---------------------------------------------------------------- rows_across_lanes
-// Element offsets of eight rows starting at `first` (rows past the end repeat the last
+// Element offsets of kLanes rows starting at `first` (rows past the end repeat the last
 // row: they recompute and rewrite its values, which is harmless); `contiguous` when the
-// eight are consecutive in memory.
+// kLanes are consecutive in memory.
 struct LaneOffsets {
   int64_t at[kLanes];
   bool contiguous;
@@ -220,20 +221,20 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
     const uint64_t row = static_cast<uint64_t>(std::min(first + lane, p.rows - 1));
     row_lo[lane] = static_cast<uint32_t>(row), row_hi[lane] = static_cast<uint32_t>(row >> 32);
   }
-  // z = logits + noise of the 16 columns of chunk j, one vector (eight rows) per column.
+  // z = logits + noise of the 16 columns of chunk j, one vector (kLanes rows) per column.
   auto perturbed_chunk = [&](int64_t j, VecF z[kTileChunk]) {
     for (int quad = 0; quad < kTileChunk / 4; ++quad) {
       VecU bits[4];
-      vec8::philox(p.seed, vec8::splat_u(static_cast<uint32_t>(kTileChunk / 4 * j + quad)), row_lo, row_hi, bits);
+      simd::philox(p.seed, simd::splat_u(static_cast<uint32_t>(kTileChunk / 4 * j + quad)), row_lo, row_hi, bits);
       for (int k = 0; k < 4; ++k) {
         const int64_t c = kTileChunk * j + 4 * quad + k;
-        z[4 * quad + k] = vec8::load(tile + c * kLanes) + vec8::gumbel_from_bits(bits[k]);
+        z[4 * quad + k] = simd::load(tile + c * kLanes) + simd::gumbel_from_bits(bits[k]);
       }
     }
   };
   VecI finite = ~VecI{};  // the lanes whose z are all below +inf
   if (mode == Mode::kHard) {
-    VecF best = vec8::splat(-kInf);
+    VecF best = simd::splat(-kInf);
     VecI best_col = VecI{} - 1;
     for (int64_t j = 0; j < chunks; ++j) {
       VecF z[kTileChunk];
@@ -241,8 +242,8 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
       for (int k = 0; k < kTileChunk; ++k) {
         finite &= z[k] < kInf;
         const VecI better = z[k] > best;  // strict: ties keep the lowest column
-        best = vec8::select(better, z[k], best);
-        best_col = vec8::select(better, VecI{} + static_cast<int32_t>(kTileChunk * j + k), best_col);
+        best = simd::select(better, z[k], best);
+        best_col = simd::select(better, VecI{} + static_cast<int32_t>(kTileChunk * j + k), best_col);
       }
     }
     std::fill(tile, tile + K * kLanes, 0.0f);
@@ -260,13 +261,13 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
     const LaneOffsets grad_lanes(p.grad, first, p.rows);
     load_tile(grad, grad_lanes, p.grad.class_stride, K, padded, 0.0f, grad_tile);
   }
-  VecF running_max = vec8::splat(-FLT_MAX), sum{}, grad_dot{};
+  VecF running_max = simd::splat(-FLT_MAX), sum{}, grad_dot{};
   for (int64_t j = 0; j < chunks; ++j) {
     VecF z[kTileChunk];
     perturbed_chunk(j, z);
     VecF top = running_max;
     for (int k = 0; k < kTileChunk; ++k) {
-      top = vec8::max(top, z[k]);
+      top = simd::max(top, z[k]);
       finite &= z[k] < kInf;
     }
     const VecF rescale = vecmath::exp_nonpositive((running_max - top) * p.inv_tau);
@@ -276,31 +277,31 @@ void rows_across_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t
     for (int k = 0; k < kTileChunk; ++k) {
       float* column = tile + (kTileChunk * j + k) * kLanes;
       const VecF e = vecmath::exp_nonpositive((z[k] - running_max) * p.inv_tau);
-      vec8::store(column, e);
+      simd::store(column, e);
       sum += e;
-      if (mode == Mode::kBackward) grad_dot += e * vec8::load(grad_tile + (kTileChunk * j + k) * kLanes);
+      if (mode == Mode::kBackward) grad_dot += e * simd::load(grad_tile + (kTileChunk * j + k) * kLanes);
     }
   }
   // All -inf rows give zeros, NaN rows NaN.
-  const VecF inv_sum = vec8::select(finite, vec8::select(sum > 0.0f, 1.0f / sum, VecF{}), vec8::splat(kNaN));
+  const VecF inv_sum = simd::select(finite, simd::select(sum > 0.0f, 1.0f / sum, VecF{}), simd::splat(kNaN));
   const VecF dot = grad_dot * inv_sum;
   for (int64_t j = 0; j < chunks; ++j) {
     const VecF scale = vecmath::exp_nonpositive((chunk_max[j] - running_max) * p.inv_tau) * inv_sum;
     for (int k = 0; k < kTileChunk; ++k) {
       float* column = tile + (kTileChunk * j + k) * kLanes;
-      const VecF y = vec8::load(column) * scale;
+      const VecF y = simd::load(column) * scale;
       if (mode == Mode::kSoft) {
-        vec8::store(column, y);
+        simd::store(column, y);
       } else {
-        const VecF g = vec8::load(grad_tile + (kTileChunk * j + k) * kLanes);
-        vec8::store(column, y * (g - dot) * p.inv_tau);
+        const VecF g = simd::load(grad_tile + (kTileChunk * j + k) * kLanes);
+        simd::store(column, y * (g - dot) * p.inv_tau);
       }
     }
   }
   store_tile(tile, out_lanes, p.out.class_stride, K, out);
 }
 
-// from_sample_in_lanes for the eight rows starting at `first`, one per lane.
+// from_sample_in_lanes for the kLanes rows starting at `first`, one per lane.
 template <typename scalar_t>
 void from_sample_across_lanes(const GumbelProblem& p, const scalar_t* y, const scalar_t* grad, scalar_t* out,
                               int64_t first, float* tile, float* grad_tile) {
@@ -309,10 +310,10 @@ void from_sample_across_lanes(const GumbelProblem& p, const scalar_t* y, const s
   load_tile(y, y_lanes, p.x.class_stride, K, K, 0.0f, tile);
   load_tile(grad, grad_lanes, p.grad.class_stride, K, K, 0.0f, grad_tile);
   VecF dot{};
-  for (int64_t c = 0; c < K; ++c) dot += vec8::load(tile + c * kLanes) * vec8::load(grad_tile + c * kLanes);
+  for (int64_t c = 0; c < K; ++c) dot += simd::load(tile + c * kLanes) * simd::load(grad_tile + c * kLanes);
   for (int64_t c = 0; c < K; ++c) {
     float* column = tile + c * kLanes;
-    vec8::store(column, vec8::load(column) * (vec8::load(grad_tile + c * kLanes) - dot) * p.inv_tau);
+    simd::store(column, simd::load(column) * (simd::load(grad_tile + c * kLanes) - dot) * p.inv_tau);
   }
   store_tile(tile, out_lanes, p.out.class_stride, K, out);
 }

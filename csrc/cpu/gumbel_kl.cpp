@@ -10,14 +10,14 @@
 #include "../common.h"
 #include "../ops.h"
 #include "rows.h"
-#include "vec8.h"
+#include "simd.h"
 
 namespace fastvae {
 namespace {
 
-using vec8::kLanes;
-using vec8::VecF;
-using vec8::VecI;
+using simd::kLanes;
+using simd::VecF;
+using simd::VecI;
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -37,15 +37,15 @@ struct KLRow {
 
 // The max of a padded row; clears *finite if a value is NaN or +inf.
 float row_max(const float* v, int64_t padded, bool* finite) {
-  VecF top = vec8::splat(-kInf);
+  VecF top = simd::splat(-kInf);
   VecI below_inf = ~VecI{};
   for (int64_t c = 0; c < padded; c += kLanes) {
-    const VecF values = vec8::load(v + c);
-    top = vec8::max(top, values);
+    const VecF values = simd::load(v + c);
+    top = simd::max(top, values);
     below_inf &= values < kInf;
   }
-  *finite = *finite && vec8::lane_bits(below_inf) == (1u << kLanes) - 1;
-  return vec8::horizontal_max(top);
+  *finite = *finite && simd::lane_bits(below_inf) == (1u << kLanes) - 1;
+  return simd::horizontal_max(top);
 }
 
 // Classes with p = 0 (masked logits) contribute 0 whatever q is; mass where q = 0 gives
@@ -64,25 +64,25 @@ KLRow kl_of_row(const float* x, const float* q, int64_t padded, int64_t classes,
   if (row.q_max == -kInf) row.q_max = 0.0f;  // no prior mass: log q = -inf, KL = inf
   VecF sum_p{}, sum_q{}, weighted{};
   for (int64_t c = 0; c < padded; c += kLanes) {
-    const VecF xc = vec8::load(x + c) - row.x_max;
-    const VecF qc = q != nullptr ? vec8::load(q + c) - row.q_max : VecF{};
+    const VecF xc = simd::load(x + c) - row.x_max;
+    const VecF qc = q != nullptr ? simd::load(q + c) - row.q_max : VecF{};
     const VecF e = vecmath::exp_nonpositive(xc);
     sum_p += e;
-    weighted += vec8::select(e > 0.0f, e * (xc - qc), VecF{});
-    if (e_p != nullptr) vec8::store(e_p + c, e);
+    weighted += simd::select(e > 0.0f, e * (xc - qc), VecF{});
+    if (e_p != nullptr) simd::store(e_p + c, e);
     if (q != nullptr) {
       const VecF eq = vecmath::exp_nonpositive(qc);
       sum_q += eq;
-      if (e_q != nullptr) vec8::store(e_q + c, eq);
+      if (e_q != nullptr) simd::store(e_q + c, eq);
     }
   }
-  row.sum_p = vec8::horizontal_sum(sum_p);
+  row.sum_p = simd::horizontal_sum(sum_p);
   row.log_sum_p = std::log(row.sum_p);
-  row.sum_q = q != nullptr ? vec8::horizontal_sum(sum_q) : static_cast<float>(classes);
+  row.sum_q = q != nullptr ? simd::horizontal_sum(sum_q) : static_cast<float>(classes);
   // The uniform prior: log q_c = -log K. With no prior mass the weighted sum is already
   // +inf; log 0 would make it inf - inf.
   row.log_sum_q = row.sum_q > 0.0f ? std::log(row.sum_q) : 0.0f;
-  row.kl = vec8::horizontal_sum(weighted) / row.sum_p - row.log_sum_p + row.log_sum_q;
+  row.kl = simd::horizontal_sum(weighted) / row.sum_p - row.log_sum_p + row.log_sum_q;
   return row;
 }
 

@@ -1,5 +1,5 @@
 // The Gaussian noise stream of philox.h for a block of consecutive elements, CPU side:
-// Philox-4x32-10 eight groups at a time (vec8.h), then Box-Muller with the vectorisable
+// Philox-4x32-10 simd::kLanes groups at a time (simd.h), then Box-Muller with the vectorisable
 // math of vecmath.h. Bit for bit the uniforms of philox.h / fastvae/reference.py; the
 // normals agree with them within float rounding.
 #pragma once
@@ -9,17 +9,17 @@
 #include <cstring>
 
 #include "../philox.h"
-#include "vec8.h"
+#include "simd.h"
 #include "vecmath.h"
 
 namespace fastvae {
 
 constexpr int64_t kMaxNormalBlock = 512;  // elements normal_block makes per call, at most
 
-// Philox-4x32-10 of eight groups, group g's counter (c0[g], c1[g], 0, 0), as Box-Muller
+// Philox-4x32-10 of kLanes groups, group g's counter (c0[g], c1[g], 0, 0), as Box-Muller
 // inputs: pair 2g takes lanes (0, 1) of group g, pair 2g + 1 lanes (2, 3).
-inline void philox_uniforms8(uint64_t seed, vec8::VecU c0, vec8::VecU c1, float* u_radius, float* u_angle) {
-  using namespace vec8;
+inline void philox_uniforms_vector(uint64_t seed, simd::VecU c0, simd::VecU c1, float* u_radius, float* u_angle) {
+  using namespace simd;
   VecU draws[4];
   philox(seed, c0, c1, VecU{}, draws);
   // Group g's lanes 0, 2 are radius draws 2g, 2g + 1; lanes 1, 3 the matching angles.
@@ -27,9 +27,9 @@ inline void philox_uniforms8(uint64_t seed, vec8::VecU c0, vec8::VecU c1, float*
   store(u_angle, uniform(draws[1]), uniform(draws[3]));
 }
 
-// philox_uniforms8 of `groups` consecutive groups from first_group.
+// philox_uniforms_vector of `groups` consecutive groups from first_group.
 inline void philox_uniforms(uint64_t seed, uint64_t first_group, int64_t groups, float* u_radius, float* u_angle) {
-  using namespace vec8;
+  using namespace simd;
   int64_t j = 0;
   for (; j + kLanes <= groups; j += kLanes) {
     const uint64_t group = first_group + static_cast<uint64_t>(j);
@@ -37,7 +37,7 @@ inline void philox_uniforms(uint64_t seed, uint64_t first_group, int64_t groups,
     const VecU c0 = group_lo + (VecU)lane_index();
     // Lanes whose low word wrapped carry into the high word (a true comparison is -1).
     const VecU c1 = splat_u(static_cast<uint32_t>(group >> 32)) - (VecU)(c0 < group_lo);
-    philox_uniforms8(seed, c0, c1, u_radius + 2 * j, u_angle + 2 * j);
+    philox_uniforms_vector(seed, c0, c1, u_radius + 2 * j, u_angle + 2 * j);
   }
   for (; j < groups; ++j) {
     const Draw4 d = philox4x32_10(static_cast<uint32_t>(first_group + j), static_cast<uint32_t>((first_group + j) >> 32),
@@ -71,19 +71,19 @@ inline void normal_block(uint64_t seed, int64_t begin, int64_t len, float* eps) 
 
 // The noise of scattered groups: eps[4 i .. 4 i + 3] are the values of group
 // groups[i] (elements 4 groups[i] .. 4 groups[i] + 3), the same bits as normal_block.
-// Eight groups at a time: eps must have room for `count` rounded up to a multiple of
-// eight groups (the padding repeats the last group); count <= kMaxNormalBlock / 4.
+// kLanes groups at a time: eps must have room for `count` rounded up to a multiple of
+// kLanes groups (the padding repeats the last group); count <= kMaxNormalBlock / 4.
 inline void normal_groups(uint64_t seed, const uint64_t* groups, int64_t count, float* eps) {
   alignas(64) float u_radius[kMaxNormalBlock / 2], u_angle[kMaxNormalBlock / 2];
-  const int64_t padded = (count + vec8::kLanes - 1) / vec8::kLanes * vec8::kLanes;
-  for (int64_t j = 0; j < padded; j += vec8::kLanes) {
-    vec8::VecU c0, c1;
-    for (int lane = 0; lane < vec8::kLanes; ++lane) {
+  const int64_t padded = (count + simd::kLanes - 1) / simd::kLanes * simd::kLanes;
+  for (int64_t j = 0; j < padded; j += simd::kLanes) {
+    simd::VecU c0, c1;
+    for (int lane = 0; lane < simd::kLanes; ++lane) {
       const uint64_t group = groups[std::min(j + lane, count - 1)];  // padding repeats the last
       c0[lane] = static_cast<uint32_t>(group);
       c1[lane] = static_cast<uint32_t>(group >> 32);
     }
-    philox_uniforms8(seed, c0, c1, u_radius + 2 * j, u_angle + 2 * j);
+    philox_uniforms_vector(seed, c0, c1, u_radius + 2 * j, u_angle + 2 * j);
   }
   box_muller(u_radius, u_angle, 2 * padded, eps);
 }

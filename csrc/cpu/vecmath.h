@@ -1,7 +1,7 @@
 // Branch-free float32 exp and log for whole vectors of lanes, and sin/cos of whole turns.
 // exp and log are templates over the lane type: float, in loops that GCC/Clang
 // auto-vectorise (libm calls do not vectorise without -ffast-math), and the explicit
-// eight-lane vec8::VecF (vec8.h supplies its Lanes traits). One polynomial each serves
+// one-register simd::VecF (simd.h supplies its Lanes traits). One polynomial each serves
 // the Gaussian and the Gumbel kernels. Accuracy: about one ulp over the ranges the
 // kernels use (checked against float64 by the tests through the samplers and the KLs).
 #pragma once

@@ -33,10 +33,6 @@
 // rows included, go to the lowest index.
 #include <ATen/Parallel.h>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -46,62 +42,28 @@
 
 #include "../common.h"
 #include "../ops.h"
+#include "vq_lanes.h"
 
 namespace fastvae {
 namespace {
 
-// One SIMD register of floats: GCC lowers wider vector types badly (through the stack).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#else
-constexpr int kLanes = 8;
-#endif
-// GCC/Clang vector types; aligned(4) makes plain dereference an unaligned load.
-typedef float VecF __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
-typedef int32_t VecI __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+using vq_lanes::any_lane;
+using vq_lanes::horizontal_min;
+using vq_lanes::kLanes;
+using vq_lanes::lane_bits;
+using vq_lanes::load;
+using vq_lanes::splat;
+using vq_lanes::VecF;
+using vq_lanes::VecI;
+using vq_lanes::vmin;
 
 constexpr int kPanel = 2 * kLanes;  // codes per panel: two registers per row
 // Rows per register tile: 2 x 6 accumulators, 2 code vectors and 1 broadcast fill the 16
-// AVX2 registers.
+// registers of AVX2 or SSE2 (at the baseline the 16th holds the product: no FMA).
 constexpr int kTileRows = 6;
 constexpr int64_t kRowBlock = 252;  // rows per task, a multiple of kTileRows: 252 KiB of x at D = 256
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
-
-inline VecF splat(float v) {  // one broadcast (VecF{} + v adds 0 first, since -0 + 0 is +0)
-#if defined(__AVX512F__)
-  return reinterpret_cast<VecF>(_mm512_set1_ps(v));
-#elif defined(__AVX2__)
-  return reinterpret_cast<VecF>(_mm256_set1_ps(v));
-#else
-  return VecF{} + v;
-#endif
-}
-inline VecF load(const float* p) { return *reinterpret_cast<const VecF*>(p); }
-
-inline bool any_lane(VecI mask) {
-#if defined(__AVX512F__)
-  return _mm512_test_epi32_mask(reinterpret_cast<__m512i>(mask), reinterpret_cast<__m512i>(mask)) != 0;
-#elif defined(__AVX2__)
-  return !_mm256_testz_si256(reinterpret_cast<__m256i>(mask), reinterpret_cast<__m256i>(mask));
-#else
-  for (int l = 0; l < kLanes; ++l)
-    if (mask[l]) return true;
-  return false;
-#endif
-}
-
-inline uint32_t lane_bits(VecI mask) {  // bit l set where lane l is set
-#if defined(__AVX512F__)
-  return _mm512_test_epi32_mask(reinterpret_cast<__m512i>(mask), reinterpret_cast<__m512i>(mask));
-#elif defined(__AVX2__)
-  return static_cast<uint32_t>(_mm256_movemask_ps(reinterpret_cast<__m256>(mask)));
-#else
-  uint32_t bits = 0;
-  for (int l = 0; l < kLanes; ++l) bits |= (mask[l] ? 1u : 0u) << l;
-  return bits;
-#endif
-}
 
 // Exact float32 squared distance ||x - e||^2, or ||x||^2 when e is null (fixed summation
 // order: the same bits every call).
@@ -162,24 +124,6 @@ struct RowBest {
   float thr, slack;
   int32_t index;  // the code of best
 };
-
-inline VecF vmin(VecF a, VecF b) { return a < b ? a : b; }
-
-inline float horizontal_min(VecF v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_min_ps(reinterpret_cast<__m512>(v));
-#elif defined(__AVX2__)
-  __m256 m = reinterpret_cast<__m256>(v);
-  m = _mm256_min_ps(m, _mm256_permute2f128_ps(m, m, 1));
-  m = _mm256_min_ps(m, _mm256_permute_ps(m, 0x4e));
-  m = _mm256_min_ps(m, _mm256_permute_ps(m, 0xb1));
-  return _mm256_cvtss_f32(m);
-#else
-  float m = v[0];
-  for (int l = 1; l < kLanes; ++l) m = std::min(m, v[l]);
-  return m;
-#endif
-}
 
 // Merges a panel's values v0 (codes code0 + l), v1 (code0 + kLanes + l) into s: its two
 // smallest, without a data-dependent branch (a panel that gets here is a coin flip).

@@ -1,9 +1,11 @@
-// Eight-lane float/uint32 vectors (GCC/Clang vector extensions) and the vectorised
-// pieces of the Gumbel stream: Philox-4x32-10 on eight counters at once and the uniform
+// One-register float/uint32 vectors (GCC/Clang vector extensions) and the vectorised
+// pieces of the random streams: Philox-4x32-10 on kLanes counters at once and the uniform
 // mapping of philox.h; exp and log are vecmath.h's, instantiated for these vectors.
 //
-// Eight 32-bit lanes are one AVX2 register: wider extension vectors are lowered
-// element by element for comparisons on AVX2, which costs more than it gains.
+// kLanes 32-bit lanes fill one register of the level's ISA: eight with AVX2 (and at the
+// AVX-512 level too), four at the x86-64 baseline (SSE2) and elsewhere. A vector wider
+// than the ISA's registers is lowered element by element for comparisons and selects
+// (through the stack), which made the baseline level 5-10x slower than AVX2.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -12,6 +14,8 @@
 #include "vecmath.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
+#elif defined(__SSE2__)
+#include <emmintrin.h>
 #endif
 
 #pragma GCC diagnostic ignored "-Wpsabi"  // vectors are only passed between inlined helpers
@@ -19,16 +23,24 @@
 #define FASTVAE_VEC_INLINE static inline __attribute__((always_inline))
 
 namespace fastvae {
-namespace vec8 {
+namespace simd {
 
+#if defined(__AVX2__)
 constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
 typedef float VecF __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t VecU __attribute__((vector_size(4 * kLanes)));
 typedef int32_t VecI __attribute__((vector_size(4 * kLanes)));
 
 FASTVAE_VEC_INLINE VecF splat(float v) { return VecF{} + v; }
 FASTVAE_VEC_INLINE VecU splat_u(uint32_t v) { return VecU{} + v; }
+#if defined(__AVX2__)
 FASTVAE_VEC_INLINE VecI lane_index() { return VecI{0, 1, 2, 3, 4, 5, 6, 7}; }
+#else
+FASTVAE_VEC_INLINE VecI lane_index() { return VecI{0, 1, 2, 3}; }
+#endif
 
 FASTVAE_VEC_INLINE VecF load(const float* p) {
   VecF v;
@@ -48,10 +60,15 @@ FASTVAE_VEC_INLINE void store_first(float* p, VecF v, int64_t count) {
   if (count == kLanes) return store(p, v);
   std::memcpy(p, &v, sizeof(float) * count);
 }
-// p[0..15] = a0 b0 a1 b1 ... a7 b7
+// p[0 .. 2 kLanes) = a0 b0 a1 b1 ... a(kLanes-1) b(kLanes-1)
 FASTVAE_VEC_INLINE void store(float* p, VecF a, VecF b) {
+#if defined(__AVX2__)
   store(p, __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11));
   store(p + kLanes, __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15));
+#else
+  store(p, __builtin_shufflevector(a, b, 0, 4, 1, 5));
+  store(p + kLanes, __builtin_shufflevector(a, b, 2, 6, 3, 7));
+#endif
 }
 
 // mask ? a : b, per lane (mask lanes all ones or all zeros, as comparisons give).
@@ -65,6 +82,10 @@ FASTVAE_VEC_INLINE uint32_t lane_bits(VecI mask) {
   __m256 m;
   std::memcpy(&m, &mask, sizeof m);
   return static_cast<uint32_t>(_mm256_movemask_ps(m));
+#elif defined(__SSE2__)
+  __m128 m;
+  std::memcpy(&m, &mask, sizeof m);
+  return static_cast<uint32_t>(_mm_movemask_ps(m));
 #else
   uint32_t bits = 0;
   for (int lane = 0; lane < kLanes; ++lane) bits |= static_cast<uint32_t>(mask[lane] != 0) << lane;
@@ -72,21 +93,21 @@ FASTVAE_VEC_INLINE uint32_t lane_bits(VecI mask) {
 #endif
 }
 
-}  // namespace vec8
+}  // namespace simd
 
-// vecmath.h's exp and log on eight lanes at once.
+// vecmath.h's exp and log on kLanes lanes at once.
 template <>
-struct vecmath::Lanes<vec8::VecF> {
-  using Int = vec8::VecI;
-  using UInt = vec8::VecU;
-  static FASTVAE_VECMATH vec8::VecF splat(float v) { return vec8::splat(v); }
-  static FASTVAE_VECMATH UInt bits(vec8::VecF f) { return (UInt)f; }
-  static FASTVAE_VECMATH vec8::VecF from_bits(UInt u) { return (vec8::VecF)u; }
-  static FASTVAE_VECMATH vec8::VecF to_float(Int i) { return __builtin_convertvector(i, vec8::VecF); }
-  static FASTVAE_VECMATH vec8::VecF select(Int mask, vec8::VecF a, vec8::VecF b) { return vec8::select(mask, a, b); }
+struct vecmath::Lanes<simd::VecF> {
+  using Int = simd::VecI;
+  using UInt = simd::VecU;
+  static FASTVAE_VECMATH simd::VecF splat(float v) { return simd::splat(v); }
+  static FASTVAE_VECMATH UInt bits(simd::VecF f) { return (UInt)f; }
+  static FASTVAE_VECMATH simd::VecF from_bits(UInt u) { return (simd::VecF)u; }
+  static FASTVAE_VECMATH simd::VecF to_float(Int i) { return __builtin_convertvector(i, simd::VecF); }
+  static FASTVAE_VECMATH simd::VecF select(Int mask, simd::VecF a, simd::VecF b) { return simd::select(mask, a, b); }
 };
 
-namespace vec8 {
+namespace simd {
 
 FASTVAE_VEC_INLINE float horizontal_max(VecF v) {
   float m = v[0];
@@ -99,11 +120,12 @@ FASTVAE_VEC_INLINE float horizontal_sum(VecF v) {
   return s;
 }
 
-// Philox's rounds see a VecU as two registers of four counters, lanes 0, 2, 4, 6 and
-// lanes 1, 3, 5, 7, each in the low half of a 64-bit lane (the high half is don't-care):
-// AVX2 multiplies the low words of 64-bit lanes into full products, so in this layout a
-// round needs no shuffles, and the two registers make independent chains that overlap.
-typedef uint64_t VecU64 __attribute__((vector_size(32)));
+// Philox's rounds see a VecU as two registers of kLanes / 2 counters, the even lanes and
+// the odd lanes, each in the low half of a 64-bit lane (the high half is don't-care):
+// SSE2 and AVX2 multiply the low words of 64-bit lanes into full products, so in this
+// layout a round needs no shuffles, and the two registers make independent chains that
+// overlap.
+typedef uint64_t VecU64 __attribute__((vector_size(4 * kLanes)));
 
 struct PhiloxWord {
   VecU64 even, odd;
@@ -122,6 +144,13 @@ FASTVAE_VEC_INLINE VecU64 multiply_low_words(VecU64 a, uint32_t factor) {
   VecU64 out;
   std::memcpy(&out, &product, sizeof out);
   return out;
+#elif defined(__SSE2__)
+  __m128i x;
+  std::memcpy(&x, &a, sizeof x);
+  const __m128i product = _mm_mul_epu32(x, _mm_set1_epi64x(factor));
+  VecU64 out;
+  std::memcpy(&out, &product, sizeof out);
+  return out;
 #else
   return (a & 0xffffffffu) * static_cast<uint64_t>(factor);
 #endif
@@ -134,7 +163,7 @@ FASTVAE_VEC_INLINE PhiloxWord mulhilo(PhiloxWord a, uint32_t factor, PhiloxWord*
   return {lo->even >> 32, lo->odd >> 32};
 }
 
-// philox4x32_10 of philox.h on eight counters (c0, c1, c2, 0) at once; out[k] is lane k.
+// philox4x32_10 of philox.h on kLanes counters (c0, c1, c2, 0) at once; out[k] is lane k.
 FASTVAE_VEC_INLINE void philox(uint64_t seed, VecU c0, VecU c1, VecU c2, VecU out[4]) {
   auto split = [](VecU c) { return PhiloxWord{(VecU64)c, (VecU64)c >> 32}; };
   PhiloxWord w[4] = {split(c0), split(c1), split(c2), PhiloxWord{}};
@@ -142,15 +171,26 @@ FASTVAE_VEC_INLINE void philox(uint64_t seed, VecU c0, VecU c1, VecU c2, VecU ou
   for (int k = 0; k < 4; ++k) out[k] = (VecU)((w[k].even & 0xffffffffu) | (w[k].odd << 32));
 }
 
-// uint_to_uniform of philox.h on eight draws.
+// uint_to_uniform of philox.h on kLanes draws.
 FASTVAE_VEC_INLINE VecF uniform(VecU bits) { return __builtin_convertvector((VecI)(bits >> 9), VecF) * 0x1p-23f + 0x1p-24f; }
 
 // Gumbel(0, 1) noise -log(-log(u)) from raw draws.
 FASTVAE_VEC_INLINE VecF gumbel_from_bits(VecU bits) { return -vecmath::log(-vecmath::log(uniform(bits))); }
 
-// Four vectors holding lanes 0..3 of eight Philox quads -> the 32 values in column order
-// (quad q, lane k at position 4q + k).
+// Four vectors holding lanes 0..3 of kLanes Philox quads -> the 4 kLanes values in column
+// order (quad q, lane k at position 4q + k).
 FASTVAE_VEC_INLINE void interleave4(const VecF lanes[4], VecF out[4]) {
+#if !defined(__AVX2__)
+  // A 4 x 4 transpose.
+  const VecF ab_lo = __builtin_shufflevector(lanes[0], lanes[1], 0, 4, 1, 5);
+  const VecF cd_lo = __builtin_shufflevector(lanes[2], lanes[3], 0, 4, 1, 5);
+  const VecF ab_hi = __builtin_shufflevector(lanes[0], lanes[1], 2, 6, 3, 7);
+  const VecF cd_hi = __builtin_shufflevector(lanes[2], lanes[3], 2, 6, 3, 7);
+  out[0] = __builtin_shufflevector(ab_lo, cd_lo, 0, 1, 4, 5);
+  out[1] = __builtin_shufflevector(ab_lo, cd_lo, 2, 3, 6, 7);
+  out[2] = __builtin_shufflevector(ab_hi, cd_hi, 0, 1, 4, 5);
+  out[3] = __builtin_shufflevector(ab_hi, cd_hi, 2, 3, 6, 7);
+#else
   const VecF ab_lo = __builtin_shufflevector(lanes[0], lanes[1], 0, 8, 1, 9, 2, 10, 3, 11);
   const VecF cd_lo = __builtin_shufflevector(lanes[2], lanes[3], 0, 8, 1, 9, 2, 10, 3, 11);
   const VecF ab_hi = __builtin_shufflevector(lanes[0], lanes[1], 4, 12, 5, 13, 6, 14, 7, 15);
@@ -159,7 +199,8 @@ FASTVAE_VEC_INLINE void interleave4(const VecF lanes[4], VecF out[4]) {
   out[1] = __builtin_shufflevector(ab_lo, cd_lo, 4, 5, 12, 13, 6, 7, 14, 15);
   out[2] = __builtin_shufflevector(ab_hi, cd_hi, 0, 1, 8, 9, 2, 3, 10, 11);
   out[3] = __builtin_shufflevector(ab_hi, cd_hi, 4, 5, 12, 13, 6, 7, 14, 15);
+#endif
 }
 
-}  // namespace vec8
+}  // namespace simd
 }  // namespace fastvae
