@@ -3,7 +3,7 @@ every built level's module, fastvae._C_<level>, loaded side by side in one proce
 timed interleaved on one thread, each lower level as a multiple of the best level's time.
 Target (issue 15): the baseline level at most 3x the best level's time on every op.
 
-    python benchmarks/bench_isa.py [--quick] [--samples N]
+    python benchmarks/bench_isa.py [--quick] [--samples N] [--ops nearest_code,vector_quantize]
 
 Needs the extension built with every level (the default; FASTVAE_CPU_ISA_BUILD=native
 builds one, and then there is nothing to compare). Not part of the main job (run_all.py),
@@ -59,6 +59,8 @@ def op_calls(quick, module):
 def level_cases(args, modules):
     best = list(modules)[-1]
     for op, (shape, call) in op_calls(harness.suite(args) == "quick", modules[best]).items():
+        if args.ops and op not in args.ops.split(","):
+            continue
         # The best level is the "fastvae" candidate, so each lower level's speed-up column
         # is its time over the best level's.
         candidates = {f"fastvae[{best}]": lambda call=call: call(modules[best])}
@@ -68,7 +70,9 @@ def level_cases(args, modules):
 
 
 def main():
-    args = harness.parser(__doc__).parse_args()
+    parser = harness.parser(__doc__)
+    parser.add_argument("--ops", default=None, help="comma-separated ops to run (default: all)")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     modules = built_levels()
     if len(modules) < 2:

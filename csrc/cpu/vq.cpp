@@ -12,9 +12,9 @@
 //
 // Each row keeps its best value, its index, its second best value and a threshold (see
 // RowBest). A tile that beats no row's threshold (about 96% of tiles at K = 16384, two thirds
-// at K = 512) costs one min and one compare per row; the others are merged branch-free.
-// D <= 16 unrolls the j loop and computes such a tile again out of line (cheaper than
-// keeping its accumulators alive); larger D merges in place.
+// at K = 512) costs one min and one compare per row; in the others, the rows that beat
+// theirs are merged branch-free. D <= 16 unrolls the j loop and computes such a tile again
+// out of line (cheaper than keeping its accumulators alive); larger D merges in place.
 //
 // Exactness. With large ||x|| the expansion loses digits: its rounding error is at most
 // B = (D + 4) u (max ||e||^2 + 2 ||x|| max ||e||), u = 2^-24, when the norm is added to the
@@ -59,8 +59,13 @@ using vq_lanes::vmin;
 
 constexpr int kPanel = 2 * kLanes;  // codes per panel: two registers per row
 // Rows per register tile: 2 x 6 accumulators, 2 code vectors and 1 broadcast fill the 16
-// registers of AVX2 or SSE2 (at the baseline the 16th holds the product: no FMA).
+// AVX2 registers. SSE2 has no FMA: each product needs a register of its own, and 2 x 6
+// accumulators spill there (measured 1.5x slower than 2 x 4 at D = 64).
+#if defined(__AVX2__)
 constexpr int kTileRows = 6;
+#else
+constexpr int kTileRows = 4;
+#endif
 constexpr int64_t kRowBlock = 252;  // rows per task, a multiple of kTileRows: 252 KiB of x at D = 256
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
@@ -172,6 +177,18 @@ __attribute__((always_inline)) inline void tile_values(const float* x, int64_t d
   }
 }
 
+// Merges a tile's values into the rows whose threshold they beat (usually one row; a
+// value not below thr changes no decision, see RowBest).
+__attribute__((always_inline)) inline void absorb_woken_rows(const VecF (&acc)[kTileRows][2], int32_t code0,
+                                                             RowBest* state) {
+  uint32_t woken = 0;
+  for (int r = 0; r < kTileRows; ++r) woken |= any_lane(vmin(acc[r][0], acc[r][1]) < splat(state[r].thr)) << r;
+  for (; woken; woken &= woken - 1) {
+    const int r = __builtin_ctz(woken);
+    absorb_panel(state[r], acc[r][0], acc[r][1], code0);
+  }
+}
+
 // Small D: the rare tile that beats a threshold is computed again out of line, so the fast
 // path need not keep (spill) its accumulators for it.
 template <int kDim>
@@ -179,12 +196,7 @@ __attribute__((noinline)) void absorb_tile_again(const float* x, int64_t d, cons
                                                  int32_t code0, RowBest* state) {
   VecF acc[kTileRows][2];
   tile_values<kDim>(x, d, panel, sq_norm, acc);
-  uint32_t woken = 0;  // usually one row: merge only those
-  for (int r = 0; r < kTileRows; ++r) woken |= any_lane(vmin(acc[r][0], acc[r][1]) < splat(state[r].thr)) << r;
-  for (; woken; woken &= woken - 1) {
-    const int r = __builtin_ctz(woken);
-    absorb_panel(state[r], acc[r][0], acc[r][1], code0);
-  }
+  absorb_woken_rows(acc, code0, state);
 }
 
 // Rows x[0 .. kTileRows) against the panel of codes [code0, code0 + kPanel). kDim is d when
@@ -200,7 +212,7 @@ __attribute__((always_inline)) inline void search_tile(const float* x, int64_t d
   if constexpr (kDim > 0) {
     absorb_tile_again<kDim>(x, d, panel, sq_norm, code0, state);
   } else {
-    for (int r = 0; r < kTileRows; ++r) absorb_panel(state[r], acc[r][0], acc[r][1], code0);
+    absorb_woken_rows(acc, code0, state);
   }
 }
 
