@@ -39,29 +39,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def _time_calls(fn, calls, device):
+def _time_calls(fn, calls, device, clock=time.perf_counter):
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(calls):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
-def time_interleaved(candidates, device, warmup_s=0.2, samples=15, min_sample_s=0.02):
-    """Median seconds per call of each candidate, sampled round-robin."""
+def time_interleaved(candidates, device, warmup_s=0.2, samples=15, min_sample_s=0.02, clock=time.perf_counter):
+    """Median seconds per call of each candidate, sampled round-robin, by ``clock`` (wall
+    time; ``time.thread_time`` counts only this thread's time on a CPU, for one-thread
+    comparisons on a shared machine)."""
     calls = {}
     for name, fn in candidates.items():
         fn()
-        per_call = _time_calls(fn, 1, device)
+        per_call = _time_calls(fn, 1, device, clock)
         deadline = time.perf_counter() + warmup_s
         while time.perf_counter() < deadline:
-            per_call = _time_calls(fn, 1, device)
+            per_call = _time_calls(fn, 1, device, clock)
         calls[name] = max(1, int(min_sample_s / max(per_call, 1e-9)))
     times = {name: [] for name in candidates}
     for _ in range(samples):
         for name, fn in candidates.items():
-            times[name].append(_time_calls(fn, calls[name], device))
+            times[name].append(_time_calls(fn, calls[name], device, clock))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -128,11 +130,12 @@ class Case:
     """One benchmark case: candidates doing the same work on the same inputs."""
 
     def __init__(self, op, shape, candidates, bytes_moved=0, flops=0, device="cpu", dtype=torch.float32,
-                 mode="forward", memory=False, max_samples=None):
+                 mode="forward", memory=False, max_samples=None, clock=time.perf_counter):
         self.op, self.shape, self.candidates = op, shape, candidates
         self.bytes_moved, self.flops, self.device, self.dtype = bytes_moved, flops, device, dtype
         self.mode, self.memory = mode, memory
         self.max_samples = max_samples  # for cases whose slowest candidate takes seconds a call
+        self.clock = clock  # see time_interleaved
 
 
 def _floor_seconds(case):
@@ -147,7 +150,7 @@ def _floor_seconds(case):
 def run_case(case, args):
     samples = args.samples or (7 if suite(args) == "default" else 15)
     samples = min(samples, case.max_samples or samples)
-    times = time_interleaved(case.candidates, case.device, samples=samples)
+    times = time_interleaved(case.candidates, case.device, samples=samples, clock=case.clock)
     floor = _floor_seconds(case)
     ours = {n: t for n, t in times.items() if n.startswith("fastvae")}
     best_ours = min(ours.values()) if ours else None
