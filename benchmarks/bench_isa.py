@@ -51,9 +51,9 @@ def op_calls(quick, module):
         "reparameterize_backward": ((rows, cols),
                                     lambda m: m.reparameterize_backward(grad_z, mu, logvar, z, seed, True)),
         "gaussian_kl": ((rows, cols), lambda m: m.gaussian_kl(mu, logvar, None, None, "sum")),
-        "gumbel_softmax": ((rows, cols), lambda m: m.gumbel_softmax(mu, seed, tau, False, -1)),
-        "gumbel_softmax_backward": ((rows, cols), lambda m: m.gumbel_softmax_backward(grad_z, mu, seed, tau, -1)),
-        "categorical_kl": ((rows, cols), lambda m: m.categorical_kl(mu, None, -1, "sum")),
+        "gumbel_softmax": ((rows, cols), lambda m: m.gumbel_softmax(mu, seed, tau, False, 1)),
+        "gumbel_softmax_backward": ((rows, cols), lambda m: m.gumbel_softmax_backward(grad_z, mu, seed, tau, 1)),
+        "categorical_kl": ((rows, cols), lambda m: m.categorical_kl(mu, None, 1, "sum")),
         "nearest_code": ((tokens, dim, codes), lambda m: m.nearest_code(x, codebook)),
         "vector_quantize": ((tokens, dim, codes), lambda m: m.vector_quantize(x, codebook, 0.25)),
     }
