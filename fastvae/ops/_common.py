@@ -14,6 +14,8 @@ LIB = torch.library.Library("fastvae", "DEF")
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 _SEED_BOUND = 2**63 - 1
 functorch_active = torch._C._are_functorch_transforms_active
+is_compiling, dispatch_modes = torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack
+function_modes = torch._C._len_torch_function_stack
 
 
 def define(schema, fake, formula=None):
@@ -43,7 +45,6 @@ def define(schema, fake, formula=None):
     torch.library.register_fake(f"fastvae::{name}", fake, lib=LIB)
     op = getattr(torch.ops.fastvae, name).default
     torch.library.register_vmap(op, _vmap_per_sample(op), lib=LIB)
-    is_compiling, dispatch_modes = torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack
     grad_enabled = torch.is_grad_enabled
 
     def call(first, *rest):
@@ -108,6 +109,37 @@ def apply(function, *args):
     if functorch_active() or torch.compiler.is_compiling():
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*args)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_eager_entries = None  # op name -> (the native kernel, its C++ eager entry point); filled on first use
+
+
+def native_eager(op, first):
+    """The native extension's C++ entry point for ``op`` (csrc/eager.cpp) when this call
+    may take it, else None.
+
+    It may when the call is plain eager (no ``torch.func`` transform, compilation,
+    dispatch or function mode, or forward-mode AD) and the backend in force runs ``op`` on ``first``
+    with the native kernel. The entry point screens the other arguments, draws the seed
+    and records autograd in C++, and returns None for a call it does not take, which then
+    runs the Python path: same results, same random stream, same errors.
+    """
+    global _eager_entries
+    if (type(first) not in _PLAIN_TENSORS or is_compiling() or dispatch_modes() or function_modes()
+            or functorch_active() or forward_ad._current_level >= 0):
+        return None
+    if _eager_entries is None:
+        native = _backend._BACKENDS["native"].module()
+        _eager_entries = {} if native is None else {
+            name[len("eager_"):]: (getattr(native, name[len("eager_"):]), getattr(native, name))
+            for name in dir(native) if name.startswith("eager_")}
+    entry = _eager_entries.get(op)
+    try:
+        chosen = entry is not None and _backend.lookup(op, first) is entry[0]
+    except _backend.BackendError:  # raised by the Python path, after its argument checks
+        return None
+    return entry[1] if chosen else None
 
 
 def check_float(name, tensor):
