@@ -128,8 +128,9 @@ class Case:
     """One benchmark case: candidates doing the same work on the same inputs."""
 
     def __init__(self, op, shape, candidates, bytes_moved=0, flops=0, device="cpu", dtype=torch.float32,
-                 mode="forward", memory=False, max_samples=None):
+                 mode="forward", memory=False, max_samples=None, target=None):
         self.op, self.shape, self.candidates = op, shape, candidates
+        self.target = target  # the speed-up over "torch eager" the case should reach: printed met / not met
         self.bytes_moved, self.flops, self.device, self.dtype = bytes_moved, flops, device, dtype
         self.mode, self.memory = mode, memory
         self.max_samples = max_samples  # for cases whose slowest candidate takes seconds a call
@@ -163,7 +164,16 @@ def run_case(case, args):
             record["peak_mib"] = peak_memory(case.candidates[name], case.device) / 2**20
         records.append(record)
     _print_records(records, floor)
+    if case.target is not None:
+        _print_target(records, case.target)
     return records
+
+
+def _print_target(records, target):
+    speedup = next(r["fastvae_speedup"] for r in records if r["candidate"] == "torch eager")
+    for r in records:
+        r["target"] = target
+    print(f"  target >= {target:g}x eager: {'met' if speedup >= target else 'NOT met'} ({speedup:.2f}x)")
 
 
 def _print_records(records, floor):

@@ -112,7 +112,10 @@ def apply(function, *args):
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-_eager_entries = None  # op name -> (the native kernel, its C++ eager entry point); filled on first use
+# The backend choices under which a CPU call runs the native kernel when the extension is
+# there (for a dtype it takes, which the entry points check).
+_NATIVE_ON_CPU = frozenset({"native"} | ({"auto"} if _backend._PREFERENCE["cpu"][0] == "native" else set()))
+_eager_entries = None  # op name -> its C++ entry point (fastvae._native.eager_<op>); filled on first use
 
 
 def native_eager(op, first):
@@ -120,26 +123,21 @@ def native_eager(op, first):
     may take it, else None.
 
     It may when the call is plain eager (no ``torch.func`` transform, compilation,
-    dispatch or function mode, or forward-mode AD) and the backend in force runs ``op`` on ``first``
-    with the native kernel. The entry point screens the other arguments, draws the seed
-    and records autograd in C++, and returns None for a call it does not take, which then
-    runs the Python path: same results, same random stream, same errors.
+    dispatch or function mode, or forward-mode AD) and the backend in force runs CPU calls
+    on the native kernels. The entry point screens the arguments (CPU tensors of a kernel
+    dtype, valid values), draws the seed and records autograd in C++, and returns None for
+    a call it does not take, which then runs the Python path: same results, same random
+    stream, same errors. (Not ``_backend.lookup``: its key costs a microsecond a call.)
     """
     global _eager_entries
-    if (type(first) not in _PLAIN_TENSORS or is_compiling() or dispatch_modes() or function_modes()
-            or functorch_active() or forward_ad._current_level >= 0):
+    if (type(first) not in _PLAIN_TENSORS or _backend.get_backend() not in _NATIVE_ON_CPU or is_compiling()
+            or dispatch_modes() or function_modes() or functorch_active() or forward_ad._current_level >= 0):
         return None
     if _eager_entries is None:
         native = _backend._BACKENDS["native"].module()
         _eager_entries = {} if native is None else {
-            name[len("eager_"):]: (getattr(native, name[len("eager_"):]), getattr(native, name))
-            for name in dir(native) if name.startswith("eager_")}
-    entry = _eager_entries.get(op)
-    try:
-        chosen = entry is not None and _backend.lookup(op, first) is entry[0]
-    except _backend.BackendError:  # raised by the Python path, after its argument checks
-        return None
-    return entry[1] if chosen else None
+            name[len("eager_"):]: getattr(native, name) for name in dir(native) if name.startswith("eager_")}
+    return _eager_entries.get(op)
 
 
 def check_float(name, tensor):
