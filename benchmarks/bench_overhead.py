@@ -1,4 +1,5 @@
-"""Per-call overhead of the Python layer (checks, seed, custom op, autograd, dispatch).
+"""Per-call overhead (checks, seed, autograd, dispatch), which plain eager CPU calls of the
+native backend pay in C++ (csrc/eager.cpp).
 
 Two parts, each against the eager PyTorch a user would otherwise write:
 
@@ -11,6 +12,7 @@ Two parts, each against the eager PyTorch a user would otherwise write:
   with inputs requiring grad (target: one-element calls with grad no slower than eager).
 
     python benchmarks/bench_overhead.py [--device cuda]
+    OMP_NUM_THREADS=1 python benchmarks/bench_overhead.py   # one thread: steadier on a shared machine
     FASTVAE_CPU_ISA=baseline python benchmarks/bench_overhead.py   # the portable kernels
 """
 import torch

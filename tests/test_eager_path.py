@@ -172,3 +172,19 @@ def test_numpy_arguments_and_modes_take_the_python_path_with_the_same_stream():
         assert _common.native_eager("gumbel_softmax", logits) is None
         torch.manual_seed(3)
         assert torch.equal(fastvae.gumbel_softmax(logits, 0.5, True), want[0])
+
+
+def test_export_takes_the_python_path():
+    """torch.export traces the custom ops (the C++ path would be opaque to it): the exported
+    program holds fastvae ops and computes what eager does."""
+    class Loss(torch.nn.Module):
+        def forward(self, mu, logvar, logits):
+            return fastvae.gaussian_kl(mu, logvar, reduction="per_sample"), fastvae.gumbel_softmax(logits, 0.5)
+
+    args = randn(4, 3), randn(4, 3), randn(4, 5)
+    program = torch.export.export(Loss(), args)
+    assert {"fastvae.gaussian_kl.default", "fastvae.gumbel_softmax.default"} <= {
+        str(node.target) for node in program.graph.nodes}
+    kl, y = program.module()(*args)
+    torch.testing.assert_close(kl, fastvae.gaussian_kl(args[0], args[1], reduction="per_sample"))
+    assert y.shape == args[2].shape

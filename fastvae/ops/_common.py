@@ -130,7 +130,8 @@ def native_eager(op, first):
     stream, same errors. (Not ``_backend.lookup``: its key costs a microsecond a call.)
     """
     global _eager_entries
-    if (type(first) not in _PLAIN_TENSORS or _backend.get_backend() not in _NATIVE_ON_CPU or is_compiling()
+    # is_compiling first: Dynamo tracing this function stops there (it cannot trace a ContextVar).
+    if (is_compiling() or type(first) not in _PLAIN_TENSORS or _backend.get_backend() not in _NATIVE_ON_CPU
             or dispatch_modes() or function_modes() or functorch_active() or forward_ad._current_level >= 0):
         return None
     if _eager_entries is None:
