@@ -12,7 +12,7 @@ Two parts, each against the eager PyTorch a user would otherwise write:
   with inputs requiring grad (target: one-element calls with grad no slower than eager).
 
     python benchmarks/bench_overhead.py [--device cuda]
-    OMP_NUM_THREADS=1 python benchmarks/bench_overhead.py   # one thread: steadier on a shared machine
+    OMP_NUM_THREADS=1 python benchmarks/bench_overhead.py --clock cpu   # steady on a shared machine
     FASTVAE_CPU_ISA=baseline python benchmarks/bench_overhead.py   # the portable kernels
 """
 import torch

@@ -39,16 +39,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def _time_calls(fn, calls, device):
+# --clock: "wall" (elapsed time) or "cpu" (the process's CPU time: on a CPU shared with
+# other jobs, time spent descheduled is not counted; meant for one thread, OMP_NUM_THREADS=1,
+# as the CPU time of several threads adds up).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _time_calls(fn, calls, device, clock=time.perf_counter):
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(calls):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
-def time_interleaved(candidates, device, warmup_s=0.2, samples=15, min_sample_s=0.02):
+def time_interleaved(candidates, device, warmup_s=0.2, samples=15, min_sample_s=0.02, clock=time.perf_counter):
     """Median seconds per call of each candidate, sampled round-robin."""
     calls = {}
     for name, fn in candidates.items():
@@ -61,7 +67,7 @@ def time_interleaved(candidates, device, warmup_s=0.2, samples=15, min_sample_s=
     times = {name: [] for name in candidates}
     for _ in range(samples):
         for name, fn in candidates.items():
-            times[name].append(_time_calls(fn, calls[name], device))
+            times[name].append(_time_calls(fn, calls[name], device, clock))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -148,7 +154,7 @@ def _floor_seconds(case):
 def run_case(case, args):
     samples = args.samples or (7 if suite(args) == "default" else 15)
     samples = min(samples, case.max_samples or samples)
-    times = time_interleaved(case.candidates, case.device, samples=samples)
+    times = time_interleaved(case.candidates, case.device, samples=samples, clock=CLOCKS[getattr(args, "clock", "wall")])
     floor = _floor_seconds(case)
     ours = {n: t for n, t in times.items() if n.startswith("fastvae")}
     best_ours = min(ours.values()) if ours else None
@@ -199,6 +205,9 @@ def parser(description):
                    help="every CPU shape (the complete suite: tens of minutes on 2 cores); CUDA runs every GPU "
                         "shape anyway")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile candidates")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: the process's CPU time, steadier on a shared CPU "
+                        "(with OMP_NUM_THREADS=1)")
     p.add_argument("--out", default=None, help="JSON file for the results (default: benchmarks/results/...)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated input dtypes, e.g. float32,bfloat16 (default: those two on CUDA, float32 on CPU)")
@@ -261,7 +270,8 @@ def save(name, records, args, out=None):
                                                  [datetime.date.today().isoformat()]) + ".json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"bench": name, "suite": run, "environment": environment(args.device), "records": records},
+        json.dump({"bench": name, "suite": run, "clock": getattr(args, "clock", "wall"),
+                   "environment": environment(args.device), "records": records},
                   f, indent=1)
     return path
 
