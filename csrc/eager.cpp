@@ -14,6 +14,9 @@
 #include <torch/extension.h>
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Generator.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -32,6 +35,17 @@ namespace {
 namespace py = pybind11;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// No torch dispatch or function mode, no torch.func transform: what ops/_common.py's
+// native_eager checks besides compilation, the backend and forward AD (Python state), read
+// from the same thread-locals as torch._C's _len_torch_dispatch_stack,
+// _len_torch_function_stack and _are_functorch_transforms_active, for nanoseconds.
+bool no_mode_or_transform() {
+  const auto included = c10::impl::tls_local_dispatch_key_set().included_;
+  return c10::impl::TorchDispatchModeTLS::stack_len() == 0 && at::impl::PythonTorchFunctionTLS::stack_len() == 0 &&
+         !included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) &&
+         !included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode);
+}
 
 // A tensor argument the kernels take: torch.Tensor or nn.Parameter (a subclass's
 // __torch_function__ must see the call), strided, on CPU, in a kernel dtype.
@@ -75,7 +89,7 @@ at::Tensor draw_seed(at::CPUGeneratorImpl* generator) {
     bits = generator->random64();
   }
   constexpr uint64_t kSeedBound = (uint64_t{1} << 63) - 1;
-  at::Tensor seed = at::empty({1}, at::kLong);
+  at::Tensor seed = at::detail::empty_cpu({1}, at::kLong);  // not through the dispatcher: a CPU tensor
   seed.data_ptr<int64_t>()[0] = static_cast<int64_t>(bits % kSeedBound);
   return seed;
 }
@@ -124,7 +138,7 @@ std::optional<at::Tensor> tau_tensor(py::handle obj) {
   }
   auto value = real_number(obj);
   if (!value || !std::isfinite(*value) || *value <= 0) return std::nullopt;
-  at::Tensor tau = at::empty({1}, at::kFloat);
+  at::Tensor tau = at::detail::empty_cpu({1}, at::kFloat);
   tau.data_ptr<float>()[0] = static_cast<float>(std::min(*value, static_cast<double>(FLT_MAX)));
   return tau;
 }
@@ -274,6 +288,7 @@ struct VectorQuantize : torch::autograd::Function<VectorQuantize> {
 }  // namespace
 
 py::object eager_reparameterize(py::handle mu_obj, py::handle logvar_obj, py::handle generator) {
+  if (!no_mode_or_transform()) return py::none();
   auto mu = kernel_tensor(mu_obj);
   if (!mu) return py::none();
   auto logvar = tensor_like(logvar_obj, *mu, true);
@@ -286,6 +301,7 @@ py::object eager_reparameterize(py::handle mu_obj, py::handle logvar_obj, py::ha
 
 py::object eager_gaussian_kl(py::handle mu_obj, py::handle logvar_obj, py::handle prior_mu, py::handle prior_logvar,
                              py::handle reduction_obj) {
+  if (!no_mode_or_transform()) return py::none();
   auto mu = kernel_tensor(mu_obj);
   if (!mu || !prior_mu.is_none() || !prior_logvar.is_none()) return py::none();
   auto logvar = tensor_like(logvar_obj, *mu, true);
@@ -297,6 +313,7 @@ py::object eager_gaussian_kl(py::handle mu_obj, py::handle logvar_obj, py::handl
 
 py::object eager_reparameterize_kl(py::handle mu_obj, py::handle logvar_obj, py::handle reduction_obj,
                                    py::handle generator) {
+  if (!no_mode_or_transform()) return py::none();
   auto mu = kernel_tensor(mu_obj);
   if (!mu) return py::none();
   auto logvar = tensor_like(logvar_obj, *mu, true);
@@ -314,6 +331,7 @@ py::object eager_reparameterize_kl(py::handle mu_obj, py::handle logvar_obj, py:
 
 py::object eager_gumbel_softmax(py::handle logits_obj, py::handle tau_obj, py::handle hard, py::handle dim_obj,
                                 py::handle generator) {
+  if (!no_mode_or_transform()) return py::none();
   auto logits = kernel_tensor(logits_obj);
   if (!logits || logits->dim() == 0) return py::none();
   if (hard.ptr() != Py_True && hard.ptr() != Py_False) return py::none();
@@ -329,6 +347,7 @@ py::object eager_gumbel_softmax(py::handle logits_obj, py::handle tau_obj, py::h
 
 py::object eager_vector_quantize(py::handle x_obj, py::handle codebook_obj, py::handle beta_obj,
                                  py::handle estimator) {
+  if (!no_mode_or_transform()) return py::none();
   auto x = kernel_tensor(x_obj);
   if (!x || x->dim() == 0) return py::none();
   auto codebook = tensor_like(codebook_obj, *x, false);
@@ -339,17 +358,19 @@ py::object eager_vector_quantize(py::handle x_obj, py::handle codebook_obj, py::
   if (!PyUnicode_CheckExact(estimator.ptr())) return py::none();
   const std::string name = estimator.cast<std::string>();
   if (name != "ste" && name != "rotation") return py::none();
-  // As ops/vq.py: (..., D) runs as (N, D), and the outputs take x's leading shape back.
-  const auto lead = x->sizes().slice(0, x->dim() - 1);
-  const at::Tensor flat = x->reshape({-1, x->size(-1)});
+  // As ops/vq.py: (..., D) runs as (N, D), and the outputs take x's leading shape back. A
+  // 2-D x runs as it is (the reshapes would add two view nodes to the graph, same values).
+  const bool flat = x->dim() == 2;
+  const at::Tensor rows = flat ? *x : x->reshape({-1, x->size(-1)});
   at::Tensor quantized, indices, loss;
   if (!records({*x, *codebook})) {
-    std::tie(quantized, indices, loss) = vector_quantize(flat, *codebook, *beta);
+    std::tie(quantized, indices, loss) = vector_quantize(rows, *codebook, *beta);
   } else {
-    auto outputs = VectorQuantize::apply(flat, *codebook, *beta, name == "rotation");
+    auto outputs = VectorQuantize::apply(rows, *codebook, *beta, name == "rotation");
     quantized = outputs[0], indices = outputs[1], loss = outputs[2];
   }
-  return py::make_tuple(quantized.reshape(x->sizes()), indices.reshape(lead), loss);
+  if (flat) return py::make_tuple(quantized, indices, loss);
+  return py::make_tuple(quantized.reshape(x->sizes()), indices.reshape(x->sizes().slice(0, x->dim() - 1)), loss);
 }
 
 }  // namespace fastvae

@@ -15,7 +15,6 @@ REDUCTIONS = ("none", "sum", "mean", "batchmean")
 _SEED_BOUND = 2**63 - 1
 functorch_active = torch._C._are_functorch_transforms_active
 is_compiling, dispatch_modes = torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack
-function_modes = torch._C._len_torch_function_stack
 
 
 def define(schema, fake, formula=None):
@@ -122,17 +121,18 @@ def native_eager(op, first):
     """The native extension's C++ entry point for ``op`` (csrc/eager.cpp) when this call
     may take it, else None.
 
-    It may when the call is plain eager (no ``torch.func`` transform, compilation,
-    dispatch or function mode, or forward-mode AD) and the backend in force runs CPU calls
-    on the native kernels. The entry point screens the arguments (CPU tensors of a kernel
-    dtype, valid values), draws the seed and records autograd in C++, and returns None for
-    a call it does not take, which then runs the Python path: same results, same random
-    stream, same errors. (Not ``_backend.lookup``: its key costs a microsecond a call.)
+    It may when the call is plain eager (no compilation or forward-mode AD here; the entry
+    point checks for dispatch and function modes and ``torch.func`` transforms) and the
+    backend in force runs CPU calls on the native kernels. The entry point screens the
+    arguments (CPU tensors of a kernel dtype, valid values), draws the seed and records
+    autograd in C++, and returns None for a call it does not take, which then runs the
+    Python path: same results, same random stream, same errors. (Not ``_backend.lookup``:
+    its key costs a microsecond a call.)
     """
     global _eager_entries
     # is_compiling first: Dynamo tracing this function stops there (it cannot trace a ContextVar).
     if (is_compiling() or type(first) not in _PLAIN_TENSORS or _backend.get_backend() not in _NATIVE_ON_CPU
-            or dispatch_modes() or function_modes() or functorch_active() or forward_ad._current_level >= 0):
+            or forward_ad._current_level >= 0):
         return None
     if _eager_entries is None:
         native = _backend._BACKENDS["native"].module()
