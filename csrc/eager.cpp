@@ -97,7 +97,8 @@ at::Tensor draw_seed(at::CPUGeneratorImpl* generator) {
 // A seed from `generator` (None: the default CPU generator); nullopt for a generator that
 // is not a CPU torch.Generator (the Python path handles or rejects it).
 std::optional<at::Tensor> seed_from(py::handle generator) {
-  if (generator.is_none()) return draw_seed(at::check_generator<at::CPUGeneratorImpl>(at::detail::getDefaultCPUGenerator()));
+  if (generator.is_none())
+    return draw_seed(at::check_generator<at::CPUGeneratorImpl>(at::detail::getDefaultCPUGenerator()));
   if (!THPGenerator_Check(generator.ptr())) return std::nullopt;
   const at::Generator& gen = reinterpret_cast<THPGenerator*>(generator.ptr())->cdata;
   if (gen.device().type() != at::kCPU) return std::nullopt;
@@ -177,7 +178,8 @@ struct Reparameterize : torch::autograd::Function<Reparameterize> {
     // As in ops/gaussian.py: the kernel writes a non-contiguous grad_z's copy itself.
     const bool dense_grad_mu = ctx->needs_input_grad(0) && !grad_z.is_contiguous();
     const auto g = at::GradMode::is_enabled()
-                       ? formula<variable_list>("reparameterize_backward", grad_z, saved[0], saved[1], saved[2], saved[3], dense_grad_mu)
+                       ? formula<variable_list>("reparameterize_backward", grad_z, saved[0], saved[1], saved[2],
+                                                saved[3], dense_grad_mu)
                        : reparameterize_backward(grad_z, saved[0], saved[1], saved[2], saved[3], dense_grad_mu);
     return {dense_grad_mu ? g[0] : grad_z, g.back(), at::Tensor()};
   }
@@ -194,7 +196,8 @@ struct GaussianKL : torch::autograd::Function<GaussianKL> {
     const auto saved = ctx->get_saved_variables();
     const std::string reduction = ctx->saved_data["reduction"].toStringRef();
     const auto g = at::GradMode::is_enabled()
-                       ? formula<variable_list>("gaussian_kl_backward", grads[0], saved[0], saved[1], py::none(), py::none(), reduction)
+                       ? formula<variable_list>("gaussian_kl_backward", grads[0], saved[0], saved[1], py::none(),
+                                                py::none(), reduction)
                        : gaussian_kl_backward(grads[0], saved[0], saved[1], c10::nullopt, c10::nullopt, reduction);
     return {g[0], g[1], at::Tensor()};
   }
@@ -212,7 +215,8 @@ struct ReparameterizeKL : torch::autograd::Function<ReparameterizeKL> {
     const auto s = ctx->get_saved_variables();
     const std::string reduction = ctx->saved_data["reduction"].toStringRef();
     const auto g = at::GradMode::is_enabled()
-                       ? formula<variable_list>("reparameterize_kl_backward", grads[0], grads[1], s[0], s[1], s[2], s[3], reduction)
+                       ? formula<variable_list>("reparameterize_kl_backward", grads[0], grads[1], s[0], s[1], s[2],
+                                                s[3], reduction)
                        : reparameterize_kl_backward(grads[0], grads[1], s[0], s[1], s[2], s[3], reduction);
     return {g[0], g[1], at::Tensor(), at::Tensor()};
   }
