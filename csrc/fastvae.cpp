@@ -3,6 +3,7 @@
 // overhead at about a microsecond.
 #include <torch/extension.h>
 
+#include "eager.h"
 #include "ops.h"
 
 namespace {
@@ -58,4 +59,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("residual_quantize", &fastvae::residual_quantize);
   m.def("residual_quantize_backward", &fastvae::residual_quantize_backward);
   m.def("segment_mean", &fastvae::segment_mean);
+  // ---- The per-call path of plain eager CPU calls (csrc/eager.cpp): the result, or None
+  // for a call the Python path must take.
+  m.def("eager_reparameterize", &fastvae::eager_reparameterize);
+  m.def("eager_gaussian_kl", &fastvae::eager_gaussian_kl);
+  m.def("eager_reparameterize_kl", &fastvae::eager_reparameterize_kl);
+  m.def("eager_gumbel_softmax", &fastvae::eager_gumbel_softmax);
+  m.def("eager_vector_quantize", &fastvae::eager_vector_quantize);
 }

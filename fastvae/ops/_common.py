@@ -14,6 +14,7 @@ LIB = torch.library.Library("fastvae", "DEF")
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 _SEED_BOUND = 2**63 - 1
 functorch_active = torch._C._are_functorch_transforms_active
+is_compiling, dispatch_modes = torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack
 
 
 def define(schema, fake, formula=None):
@@ -43,7 +44,6 @@ def define(schema, fake, formula=None):
     torch.library.register_fake(f"fastvae::{name}", fake, lib=LIB)
     op = getattr(torch.ops.fastvae, name).default
     torch.library.register_vmap(op, _vmap_per_sample(op), lib=LIB)
-    is_compiling, dispatch_modes = torch.compiler.is_compiling, torch._C._len_torch_dispatch_stack
     grad_enabled = torch.is_grad_enabled
 
     def call(first, *rest):
@@ -108,6 +108,37 @@ def apply(function, *args):
     if functorch_active() or torch.compiler.is_compiling():
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*args)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# The backend choices under which a CPU call runs the native kernel when the extension is
+# there (for a dtype it takes, which the entry points check).
+_NATIVE_ON_CPU = frozenset({"native"} | ({"auto"} if _backend._PREFERENCE["cpu"][0] == "native" else set()))
+_eager_entries = None  # op name -> its C++ entry point (fastvae._native.eager_<op>); filled on first use
+
+
+def native_eager(op, first):
+    """The native extension's C++ entry point for ``op`` (csrc/eager.cpp) when this call
+    may take it, else None.
+
+    It may when the call is plain eager (no compilation or forward-mode AD here; the entry
+    point checks for dispatch and function modes and ``torch.func`` transforms) and the
+    backend in force runs CPU calls on the native kernels. The entry point screens the
+    arguments (CPU tensors of a kernel dtype, valid values), draws the seed and records
+    autograd in C++, and returns None for a call it does not take, which then runs the
+    Python path: same results, same random stream, same errors. (Not ``_backend.lookup``:
+    its key costs a microsecond a call.)
+    """
+    global _eager_entries
+    # is_compiling first: Dynamo tracing this function stops there (it cannot trace a ContextVar).
+    if (is_compiling() or type(first) not in _PLAIN_TENSORS or _backend.get_backend() not in _NATIVE_ON_CPU
+            or forward_ad._current_level >= 0):
+        return None
+    if _eager_entries is None:
+        native = _backend._BACKENDS["native"].module()
+        _eager_entries = {} if native is None else {
+            name[len("eager_"):]: getattr(native, name) for name in dir(native) if name.startswith("eager_")}
+    return _eager_entries.get(op)
 
 
 def check_float(name, tensor):

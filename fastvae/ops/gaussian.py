@@ -3,7 +3,7 @@ import torch
 
 from .. import reference
 from ._common import (REDUCTIONS, OpFunction, apply, check_float, check_like, check_reduction, define, draw_seed,
-                      needs_autograd)
+                      native_eager, needs_autograd)
 
 # "per_sample": one KL per sample, the sum over every dimension but the first (the
 # latent-diffusion / diffusers posterior's kl()).
@@ -133,6 +133,9 @@ def reparameterize(mu, logvar, *, generator=None):
     ``z`` is saved for backward, so modifying it in place before backward is an error
     (as for the output of ``torch.exp``). Returns ``z`` in ``mu``'s dtype and shape.
     """
+    eager = native_eager("reparameterize", mu)
+    if eager is not None and (z := eager(mu, logvar, generator)) is not None:
+        return z
     _check_pair(mu, logvar)
     seed = draw_seed(mu.device, generator)
     if needs_autograd(mu, logvar):
@@ -166,6 +169,9 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
     computed without the elementwise tensor).
     Accumulates in float32; returns ``mu``'s dtype.
     """
+    eager = native_eager("gaussian_kl", mu)
+    if eager is not None and (kl := eager(mu, logvar, prior_mu, prior_logvar, reduction)) is not None:
+        return kl
     _check_pair(mu, logvar)
     _check_reduction(reduction, mu)
     prior_mu = _check_prior("prior_mu", prior_mu, mu)
@@ -178,6 +184,9 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, reduction="batc
 def reparameterize_kl(mu, logvar, *, reduction="batchmean", generator=None):
     """``(z, kl)`` from one pass over ``mu`` and ``logvar``: the sample of
     :func:`reparameterize` and the KL to N(0, I) of :func:`gaussian_kl`."""
+    eager = native_eager("reparameterize_kl", mu)
+    if eager is not None and (z_kl := eager(mu, logvar, reduction, generator)) is not None:
+        return z_kl
     _check_pair(mu, logvar)
     _check_reduction(reduction, mu)
     seed = draw_seed(mu.device, generator)

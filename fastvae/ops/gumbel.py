@@ -3,7 +3,7 @@ import torch
 
 from .. import reference
 from ._common import (OpFunction, apply, check_dim, check_flag, check_float, check_real, check_reduction, define,
-                      draw_seed, needs_autograd)
+                      draw_seed, native_eager, needs_autograd)
 
 
 def _categorical_kl_fake(logits, prior_logits, dim, reduction):
@@ -127,6 +127,9 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1, *, generator=
     memory, so there is no host sync, and its value is not checked, which would be one).
     ``hard``: a bool, NumPy bool or int.
     """
+    eager = native_eager("gumbel_softmax", logits)
+    if eager is not None and (y := eager(logits, tau, hard, dim, generator)) is not None:
+        return y
     dim = _check_logits(logits, dim)
     tau = _tau_tensor(tau, logits)
     hard = check_flag("hard", hard)

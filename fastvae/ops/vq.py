@@ -2,7 +2,7 @@
 import torch
 
 from .. import reference
-from ._common import OpFunction, apply, check_float, check_real, define, needs_autograd
+from ._common import OpFunction, apply, check_float, check_real, define, native_eager, needs_autograd
 
 _nearest_code = define(
     "nearest_code(Tensor x, Tensor codebook) -> (Tensor, Tensor)",
@@ -102,6 +102,9 @@ def vector_quantize(x, codebook, *, beta=0.25, estimator="ste"):
     (``g`` itself where ``x = 0``), computed per row inside the backward kernel. Values are
     the same for both.
     """
+    eager = native_eager("vector_quantize", x)
+    if eager is not None and (outputs := eager(x, codebook, beta, estimator)) is not None:
+        return outputs
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {estimator!r}")
     beta = check_real("beta", beta, minimum=0.0)
