@@ -52,7 +52,7 @@ def gumbel_quantize_backward(grad_quantized, logits, codebook, seed, tau, stats,
     (``tau``'s shape; terms with ``y = 0`` are 0), soft and hard (straight-through) alike;
     ``grad_codebook = w^T grad_quantized`` with ``w`` the forward's mixing weights: ``y``
     (soft, ``indices`` None) or the one-hot rows at ``indices`` (hard: the sum of
-    ``grad_quantized`` over the rows that took each code).
+    ``grad_quantized`` over the rows that took each code; their derivatives are ``y``'s).
 
     Differentiable in every input (grad mode on: the ops' double backward runs this)."""
     ct = compute_dtype(logits)
@@ -62,8 +62,12 @@ def gumbel_quantize_backward(grad_quantized, logits, codebook, seed, tau, stats,
     grad_logits = y * (d_y - (y * d_y).sum(dim=-1, keepdim=True)) * inverse_tau(tau, ct)
     log_y = torch.where(y > 0, torch.log(torch.where(y > 0, y, 1.0)), 0.0)
     grad_tau = -(grad_logits * log_y).sum().reshape(tau.shape).to(tau.dtype)
-    if indices is None:
-        grad_codebook = y.t() @ g
-    else:
-        grad_codebook = torch.zeros(cb.shape, dtype=ct, device=cb.device).index_add(0, indices, g)
+    weights = y
+    if indices is not None:
+        # The hard sample as gumbel_softmax(hard=True) makes it: one-hot values carrying y's
+        # derivatives (which a double backward differentiates).
+        row_sum = y.detach().sum(dim=-1, keepdim=True)
+        one_hot = torch.zeros_like(y).scatter_(-1, indices[:, None], 1.0)
+        weights = torch.where(row_sum > 0, one_hot, row_sum) + (y - y.detach())
+    grad_codebook = weights.t() @ g
     return [grad_logits.to(logits.dtype), grad_codebook.to(codebook.dtype), grad_tau]
