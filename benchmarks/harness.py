@@ -128,8 +128,9 @@ class Case:
     """One benchmark case: candidates doing the same work on the same inputs."""
 
     def __init__(self, op, shape, candidates, bytes_moved=0, flops=0, device="cpu", dtype=torch.float32,
-                 mode="forward", memory=False, max_samples=None):
+                 mode="forward", memory=False, max_samples=None, report=None):
         self.op, self.shape, self.candidates = op, shape, candidates
+        self.report = report  # called with the case's records after they print (a target's verdict)
         self.bytes_moved, self.flops, self.device, self.dtype = bytes_moved, flops, device, dtype
         self.mode, self.memory = mode, memory
         self.max_samples = max_samples  # for cases whose slowest candidate takes seconds a call
@@ -163,6 +164,8 @@ def run_case(case, args):
             record["peak_mib"] = peak_memory(case.candidates[name], case.device) / 2**20
         records.append(record)
     _print_records(records, floor)
+    if case.report is not None:
+        case.report(records)
     return records
 
 
