@@ -155,7 +155,8 @@ def _tau_tensor(tau, logits):
         return tau.reshape(1).to(dtype)
     # A tau past the dtype's range is as good as its largest value: the sample is uniform.
     tau = min(check_real("tau", tau, minimum=0.0, inclusive=False), torch.finfo(dtype).max)
-    if torch.compiler.is_compiling():
+    # Under compilation or a dispatch mode (fake tensors) the tensor must be made in that mode.
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return torch.full((1,), float(tau), dtype=dtype, device=logits.device)
     key = (float(tau), logits.device, dtype)
     cached = _TAU_CACHE.get(key)
