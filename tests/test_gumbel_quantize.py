@@ -184,3 +184,33 @@ def test_quantizer_loads_a_taming_checkpoint():
     holder.quantize = prefixed
     holder.load_state_dict({f"quantize.{key}": value for key, value in taming_state.items()})
     assert torch.equal(prefixed.proj.weight, conv.weight.detach().flatten(1))
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_opcheck(backend, hard):
+    """Schemas and fake implementations as torch.compile / AOTAutograd see them."""
+    requires(backend, *OPS)
+    logits, codebook, seed, tau = randn(5, 33), randn(33, 4), torch.tensor([77]), torch.tensor([0.5])
+    torch.library.opcheck(torch.ops.fastvae.gumbel_quantize.default, (logits, codebook, seed, tau, hard))
+    _, indices, stats = torch.ops.fastvae.gumbel_quantize.default(logits, codebook, seed, tau, hard)
+    torch.library.opcheck(torch.ops.fastvae.gumbel_quantize_backward.default,
+                          (randn(5, 4), logits, codebook, seed, tau, stats, indices if hard else None))
+
+
+def test_compiled_fullgraph_matches_eager(backend):
+    requires(backend, *OPS)
+
+    def quantize_loss(logits, codebook, tau):
+        quantized, _ = fastvae.gumbel_quantize(logits, codebook, tau, dim=1)
+        return quantized.square().sum()
+
+    inputs = (randn(2, 9, 3), randn(9, 4), torch.tensor(0.8))
+    results = []
+    torch._dynamo.reset()
+    for runner in (quantize_loss, torch.compile(quantize_loss, fullgraph=True, backend="aot_eager")):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        torch.manual_seed(123)  # aot_eager draws the seed as eager does
+        loss = runner(*leaves)
+        results.append([loss, *torch.autograd.grad(loss, leaves)])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
