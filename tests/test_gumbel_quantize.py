@@ -48,6 +48,24 @@ def test_matches_the_reference_with_gradients(backend, shape, hard):
         assert_close(got, want.reshape(got.shape), torch.float32, scale=16, msg=f"grad {name}")
 
 
+def test_several_row_blocks_of_the_native_kernel():
+    """The native kernel works in blocks of 8 MiB of float32 sample (256 rows at K = 8190):
+    rows in later blocks keep their own noise, statistics and gradients."""
+    requires("native", *OPS)
+    logits, codebook = randn(300, 8190, scale=2.0, requires_grad=True), randn(8190, 3, requires_grad=True)
+    grad = randn(300, 3)
+    with fastvae.use_backend("native"):
+        for hard in (False, True):
+            quantized, indices = fastvae.gumbel_quantize(logits, codebook, 0.9, hard=hard, dim=-1,
+                                                         generator=torch.Generator().manual_seed(9))
+            grads = torch.autograd.grad(quantized, (logits, codebook), grad)
+            expected = reference_outputs(logits, codebook, torch.tensor(0.9), hard, grad, 9)
+            assert torch.equal(indices, expected[1])
+            assert_close(quantized, expected[0], torch.float32, scale=4)
+            assert_close(grads[0], expected[2], torch.float32, scale=16)
+            assert_close(grads[1], expected[3], torch.float32, scale=64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(backend, dtype):
     requires(backend, *OPS)

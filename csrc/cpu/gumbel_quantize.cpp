@@ -174,6 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_quantize(const at::Tensor&
   int64_t* idx = indices.data_ptr<int64_t>();
   float* st = stats.data_ptr<float>();
   const float* codes = cb.data_ptr<float>();
+  // The soft sample of one row block (uninitialised, warm from the output cache: no page faults per call)
+  const at::Tensor scratch =
+      hard ? at::Tensor() : empty_output({std::min(rows_per_block(p), N) * p.padded}, cb.options());
   FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "gumbel_quantize", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
     if (hard) {
@@ -190,16 +193,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_quantize(const at::Tensor&
       return;
     }
     const int64_t block = std::min(rows_per_block(p), N);
-    std::vector<float> samples(block * p.padded);
+    float* samples = scratch.data_ptr<float>();
     for (int64_t first = 0; first < N; first += block) {
       const int64_t rows = std::min(block, N - first);
       at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / p.K), [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r)
-          idx[first + r] = sample_row(p, x + (first + r) * p.K, first + r, samples.data() + r * p.padded,
+          idx[first + r] = sample_row(p, x + (first + r) * p.K, first + r, samples + r * p.padded,
                                       st + 2 * (first + r));
       });
       auto out = quantized.narrow(0, first, rows);
-      at::mm_out(out, matrix(samples.data(), rows, p.K, p.padded), cb);
+      at::mm_out(out, matrix(samples, rows, p.K, p.padded), cb);
     }
   });
   return {quantized.to(logits.scalar_type()), indices, stats};
@@ -220,26 +223,29 @@ std::vector<at::Tensor> gumbel_quantize_backward(const at::Tensor& grad_quantize
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({N, D}), "gumbel_quantize_backward: grad_quantized must be (N, D)");
   const bool hard = indices.has_value();
   const bool float_logits = logits.scalar_type() == at::kFloat;
-  auto grad_logits = at::empty({N, K}, logits.options());
+  auto grad_logits = empty_output({N, K}, logits.options());
   auto grad_codebook = at::zeros({K, D}, cb.options());
   std::vector<double> tau_terms(N, 0.0);  // per row, summed in order: no dependence on the split
   const float* st = stats.data_ptr<float>();
   const int64_t block = std::min(rows_per_block(p), std::max<int64_t>(N, 1));
-  // d_y rows: the grad_logits rows themselves for float32 logits, else a float32 block
-  std::vector<float> samples(hard ? 0 : block * p.padded), dy_scratch(float_logits ? 0 : block * K);
+  // d_y rows: the grad_logits rows themselves for float32 logits, else a float32 block;
+  // the soft sample of the block (both uninitialised, warm from the output cache)
+  const at::Tensor sample_block = hard ? at::Tensor() : empty_output({block * p.padded}, cb.options());
+  const at::Tensor dy_block_scratch = float_logits ? at::Tensor() : empty_output({block * K}, cb.options());
+  float* samples = hard ? nullptr : sample_block.data_ptr<float>();
   FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "gumbel_quantize_backward", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
     scalar_t* out = grad_logits.data_ptr<scalar_t>();
     for (int64_t first = 0; first < N; first += block) {
       const int64_t rows = std::min(block, N - first);
-      float* dy = float_logits ? reinterpret_cast<float*>(out) + first * K : dy_scratch.data();
+      float* dy = float_logits ? reinterpret_cast<float*>(out) + first * K : dy_block_scratch.data_ptr<float>();
       auto dy_block = matrix(dy, rows, K, K);
       at::mm_out(dy_block, grad.narrow(0, first, rows), cb.t());
       at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / K), [&](int64_t begin, int64_t end) {
         std::vector<float> own(hard ? p.padded : 0);
         for (int64_t r = begin; r < end; ++r) {
           const int64_t row = first + r;
-          float* y = hard ? own.data() : samples.data() + r * p.padded;
+          float* y = hard ? own.data() : samples + r * p.padded;
           float* g = dy + r * K;
           const float top = st[2 * row], log_sum = st[2 * row + 1];
           perturb_row(p, x + row * K, row, y);  // y holds z
@@ -255,7 +261,7 @@ std::vector<at::Tensor> gumbel_quantize_backward(const at::Tensor& grad_quantize
             for (int64_t c = 0; c < K; ++c) out[row * K + c] = static_cast<scalar_t>(g[c]);
         }
       });
-      if (!hard) grad_codebook.addmm_(matrix(samples.data(), rows, K, p.padded).t(), grad.narrow(0, first, rows));
+      if (!hard) grad_codebook.addmm_(matrix(samples, rows, K, p.padded).t(), grad.narrow(0, first, rows));
     }
   });
   if (hard) {
