@@ -61,7 +61,7 @@ class GumbelQuantizer(nn.Module):
         self.proj = nn.Linear(in_channels, num_codes, **factory)
         self.embed = nn.Embedding(num_codes, dim, **factory)
         self.tau = nn.Parameter(torch.tensor(float(tau), **factory)) if learn_tau else tau
-        self._register_load_state_dict_pre_hook(_taming_projection)
+        self.register_load_state_dict_pre_hook(_taming_projection)
 
     def forward(self, x):
         if x.shape[self.channel_dim] != self.in_channels:
@@ -87,7 +87,7 @@ class GumbelQuantizer(nn.Module):
                 f"channel_dim={self.channel_dim}")
 
 
-def _taming_projection(state_dict, prefix, *args):
+def _taming_projection(module, state_dict, prefix, *args):
     """A taming ``GumbelQuantize`` checkpoint's ``proj`` is a 1x1 convolution: its
     ``(K, C, 1, 1)`` weight is this layer's ``(K, C)`` linear weight."""
     key = prefix + "proj.weight"
