@@ -98,7 +98,7 @@ def _forward_kernel(x_ptr, cb_ptr, seed_ptr, tau_ptr, q_ptr, idx_ptr, stats_ptr,
     tl.store(q_ptr + rows[:, None].to(tl.int64) * D + dims[None, :], q.to(q_ptr.dtype.element_ty), mask=out_mask)
     tl.store(idx_ptr + rows, index.to(tl.int64), mask=row_mask)
     m = tl.where(bad, float("nan"), tl.where(empty, float("-inf"), m))
-    log_l = tl.where(bad, float("nan"), tl.log(l))
+    log_l = tl.where(bad, float("nan"), tl.where(empty, float("-inf"), tl.log(tl.where(empty, 1.0, l))))
     tl.store(stats_ptr + 2 * rows.to(tl.int64), m, mask=row_mask)
     tl.store(stats_ptr + 2 * rows.to(tl.int64) + 1, log_l, mask=row_mask)
 
