@@ -105,24 +105,28 @@ def _forward_kernel(x_ptr, cb_ptr, seed_ptr, tau_ptr, q_ptr, idx_ptr, stats_ptr,
 
 @triton.jit
 def _logits_grad_kernel(x_ptr, cb_ptr, seed_ptr, tau_ptr, stats_ptr, g_ptr, gx_ptr, tau_part_ptr, N, K, D,
-                        BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_Q: tl.constexpr, CHUNK_D: tl.constexpr):
     inv_tau = _inv_tau(tau_ptr)
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < N
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, CHUNK_D)
     m = tl.load(stats_ptr + 2 * rows.to(tl.int64), mask=row_mask, other=float("-inf"))
     log_l = tl.load(stats_ptr + 2 * rows.to(tl.int64) + 1, mask=row_mask, other=float("-inf"))
-    g = tl.load(g_ptr + rows[:, None].to(tl.int64) * D + dims[None, :],
-                mask=row_mask[:, None] & (dims[None, :] < D), other=0.0).to(tl.float32)
     s = tl.zeros((BLOCK_R,), tl.float32)
     dot_t = tl.zeros((BLOCK_R,), tl.float32)
     y_t = tl.zeros((BLOCK_R,), tl.float32)
     for col0 in range(0, K, 4 * BLOCK_Q):  # s = sum(y d_y); d_y parked in grad_logits
         y, t, cols, mask = _sample_tile(x_ptr, seed, rows, row_mask, col0, K, m, log_l, inv_tau, BLOCK_R, BLOCK_Q)
-        codes = tl.load(cb_ptr + cols[None, :].to(tl.int64) * D + dims[:, None],
-                        mask=(cols[None, :] < K) & (dims[:, None] < D), other=0.0).to(tl.float32)
-        d_y = tl.dot(g, codes, input_precision="ieee")
+        # d_y over CHUNK_D features at a time (re-read from cache): whole (BLOCK_R, D) and
+        # (D, tile) operands held across the sweep spilled registers at D = 256 (sm_90)
+        d_y = tl.zeros((BLOCK_R, 4 * BLOCK_Q), tl.float32)
+        for d0 in range(0, D, CHUNK_D):
+            g = tl.load(g_ptr + rows[:, None].to(tl.int64) * D + d0 + dims[None, :],
+                        mask=row_mask[:, None] & (d0 + dims[None, :] < D), other=0.0).to(tl.float32)
+            codes = tl.load(cb_ptr + cols[None, :].to(tl.int64) * D + d0 + dims[:, None],
+                            mask=(cols[None, :] < K) & (d0 + dims[:, None] < D), other=0.0).to(tl.float32)
+            d_y = tl.dot(g, codes, d_y, input_precision="ieee")
         s += tl.sum(y * d_y, axis=1)
         dot_t += tl.sum(y * d_y * t, axis=1)
         y_t += tl.sum(y * t, axis=1)
@@ -195,12 +199,11 @@ def gumbel_quantize_backward(grad_quantized, logits, codebook, seed, tau, stats,
     grad_codebook = torch.empty(k, d, device=logits.device, dtype=torch.float32)
     row_blocks = triton.cdiv(n, _BLOCK_R)
     tau_parts = torch.zeros(max(row_blocks, 1), device=logits.device, dtype=torch.float32)
-    options = {"BLOCK_R": _BLOCK_R, "BLOCK_Q": _BLOCK_Q, "BLOCK_D": _block_d(d)}
     if n:
         _logits_grad_kernel[(row_blocks,)](logits, codebook, seed, tau, stats, grad, grad_logits, tau_parts, n, k, d,
-                                           **options)
+                                           BLOCK_R=_BLOCK_R, BLOCK_Q=_BLOCK_Q, CHUNK_D=min(_block_d(d), 32))
     _codebook_grad_kernel[(triton.cdiv(k, 4 * _BLOCK_Q),)](
         logits, seed, tau, stats, indices if indices is not None else stats, grad, grad_codebook, n, k, d,
-        HARD=indices is not None, **options)
+        HARD=indices is not None, BLOCK_R=_BLOCK_R, BLOCK_Q=_BLOCK_Q, BLOCK_D=_block_d(d))
     grad_tau = tau_parts.sum(dtype=torch.float64).reshape(tau.shape).to(tau.dtype)
     return [grad_logits.to(logits.dtype), grad_codebook.to(codebook.dtype), grad_tau]
