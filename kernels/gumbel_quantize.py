@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gumbel import _MIN_FLOAT, _nan_or_posinf, _perturbed_tile
+from .gumbel import _MIN_FLOAT, _perturbed_tile
 
 _BLOCK_R = 16  # rows per program (tl.dot needs at least 16)
 _BLOCK_Q = 8  # quads per code tile: 32 codes
