@@ -11,6 +11,7 @@ tensor is the soft sample itself for hard=False (a softmax backward), the logits
 hard=True (the noise is regenerated from the seed, never stored). categorical_kl reads
 the logits (forward), then reads them again and writes their gradient (backward).
 """
+import functools
 import math
 
 import torch
@@ -134,15 +135,33 @@ def quantizer_cases(args, dtype):
             # projection, sample mixing, and their backward: 6 GEMMs of n * num_codes * (C or D)
             flops = 2 * n * num_codes * (shape[1] + dim) * 3
             candidates = fastvae_candidates(forward_backward(loss_of(ours, "ours"), x), args.device,
-                                            ("gumbel_softmax", "gumbel_softmax_backward",
-                                             "gumbel_softmax_backward_from_sample", "categorical_kl",
+                                            ("gumbel_quantize", "gumbel_quantize_backward", "categorical_kl",
                                              "categorical_kl_backward"))
             candidates["taming GumbelQuantize"] = forward_backward(loss_of(taming, "taming"), x)
             if comp is not None:
                 candidates["taming torch.compile"] = forward_backward(comp, x)
             yield Case("GumbelQuantizer " + ("hard" if hard else "soft"), (n, num_codes, dim), candidates,
                        flops=flops, device=args.device, dtype=dtype, mode="forward+backward", memory=True,
-                       max_samples=LARGE_SAMPLES + 1)
+                       max_samples=LARGE_SAMPLES + 1, report=functools.partial(quantizer_verdict, n * num_codes * 4))
+
+
+QUANTIZER_TARGET_SPEEDUP = 3.0  # issue 13: >= 3x taming's GumbelQuantize, and one (N, K) float32 less memory
+
+
+def quantizer_verdict(sample_bytes, records):
+    """Print whether the best fastvae candidate meets issue 13's targets against taming."""
+    taming = next(r for r in records if r["candidate"] == "taming GumbelQuantize")
+    ours = min((r for r in records if r["candidate"].startswith("fastvae")), key=lambda r: r["median_ms"],
+               default=None)
+    if ours is None:
+        print("  target >= 3x: no fastvae backend runs here")
+        return
+    speedup = taming["fastvae_speedup"]
+    saved = (taming["peak_mib"] - ours["peak_mib"]) * 2**20 / sample_bytes
+    met = "met" if speedup >= QUANTIZER_TARGET_SPEEDUP else "not met"
+    print(f"  target >= {QUANTIZER_TARGET_SPEEDUP:g}x taming: {met} ({speedup:.2f}x, {ours['candidate']})")
+    print(f"  peak memory {ours['peak_mib']:.0f} MiB vs taming {taming['peak_mib']:.0f} MiB: {saved:.1f} (N, K) "
+          f"float32 below (target >= 1: {'met' if saved >= 1 else 'not met'})")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,13 @@ inline void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "fastvae native CPU kernel: ", name, " must be a CPU tensor");
 }
 
+// The temperature of the Gumbel ops: a one-element CPU tensor (read here, no device to wait for).
+inline double read_tau(const at::Tensor& tau) {
+  TORCH_CHECK(tau.numel() == 1 && tau.is_floating_point(), "tau must be a one-element floating-point tensor");
+  check_cpu(tau, "tau");
+  return tau.item<double>();
+}
+
 // A new contiguous CPU tensor for a kernel to write (uninitialised, like at::empty).
 // Large ones come from a bounded cache of warm blocks: see csrc/output_cache.cpp.
 at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options);

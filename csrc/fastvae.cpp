@@ -51,6 +51,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gumbel_softmax_backward_from_sample", &fastvae::gumbel_softmax_backward_from_sample);
   m.def("categorical_kl", &fastvae::categorical_kl);
   m.def("categorical_kl_backward", &fastvae::categorical_kl_backward);
+  m.def("gumbel_quantize", &fastvae::gumbel_quantize);
+  m.def("gumbel_quantize_backward", &fastvae::gumbel_quantize_backward);
   // ---- VQ column
   m.def("nearest_code", &fastvae::nearest_code);
   m.def("vector_quantize", &fastvae::vector_quantize);

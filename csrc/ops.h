@@ -35,6 +35,14 @@ at::Tensor categorical_kl(const at::Tensor& logits, const c10::optional<at::Tens
 std::vector<at::Tensor> categorical_kl_backward(const at::Tensor& grad, const at::Tensor& logits,
                                                 const c10::optional<at::Tensor>& prior_logits, int64_t dim,
                                                 const std::string& reduction);
+// csrc/cpu/gumbel_quantize.cpp: the sample over codes mixed with the codebook, never written
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_quantize(const at::Tensor& logits, const at::Tensor& codebook,
+                                                               const at::Tensor& seed, const at::Tensor& tau,
+                                                               bool hard);
+std::vector<at::Tensor> gumbel_quantize_backward(const at::Tensor& grad_quantized, const at::Tensor& logits,
+                                                 const at::Tensor& codebook, const at::Tensor& seed,
+                                                 const at::Tensor& tau, const at::Tensor& stats,
+                                                 const c10::optional<at::Tensor>& indices);
 
 // ---- VQ column: csrc/cpu/vq.cpp
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::Tensor& codebook);

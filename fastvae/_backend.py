@@ -32,7 +32,7 @@ OPS = (
     "reparameterize", "reparameterize_backward", "gaussian_kl", "gaussian_kl_backward",
     "reparameterize_kl", "reparameterize_kl_backward",
     "gumbel_softmax", "gumbel_softmax_backward", "gumbel_softmax_backward_from_sample",
-    "categorical_kl", "categorical_kl_backward",
+    "categorical_kl", "categorical_kl_backward", "gumbel_quantize", "gumbel_quantize_backward",
     "nearest_code", "vector_quantize", "vector_quantize_backward", "vector_quantize_rotation_backward",
     "residual_quantize", "residual_quantize_backward", "segment_mean",
 )

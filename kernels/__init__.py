@@ -13,6 +13,7 @@ from .gaussian import (gaussian_kl, gaussian_kl_backward, reparameterize, repara
 from .gumbel import (  # noqa: E402,F401
     categorical_kl, categorical_kl_backward, gumbel_softmax, gumbel_softmax_backward,
     gumbel_softmax_backward_from_sample)
+from .gumbel_quantize import gumbel_quantize, gumbel_quantize_backward  # noqa: E402,F401
 # ---- VQ column (kernels/vq.py)
 from .vq import (nearest_code, residual_quantize, segment_mean, vector_quantize,  # noqa: E402,F401
                  vector_quantize_backward, vector_quantize_rotation_backward)

@@ -80,6 +80,11 @@ def _gpu_shaped_calls(dtype):
             yield lambda: fastvae.gumbel_softmax(logits, 0.5, dim=dim)
             yield lambda: fastvae.gumbel_softmax(logits, 0.5, hard=True, dim=dim)
             yield lambda: fastvae.categorical_kl(logits, logits.detach(), dim=dim)
+        # GumbelQuantizer at DALL-E's scale: (B=8, 32x32) positions, K=8192 codes of D=256
+        logits, codebook = _leaf(8192, 8192, dtype=dtype), _leaf(8192, 256, dtype=dtype)
+        tau = torch.full((), 0.5, requires_grad=True)
+        yield lambda: fastvae.gumbel_quantize(logits, codebook, tau, dim=-1)[0]
+        yield lambda: fastvae.gumbel_quantize(logits, codebook, tau, hard=True, dim=-1)[0]
     for n, k, d in VQ_SHAPES if wide else SIXTEEN_BIT_SHAPES["vq"]:
         x, codebook = _leaf(n, d, dtype=dtype), _leaf(k, d, dtype=dtype)
         yield lambda: fastvae.nearest_code(x, codebook)
@@ -131,7 +136,7 @@ def test_every_gpu_launch_compiles_for_sm90_within_an_h100_block(tmp_path, monke
     assert {"_codebook_kernel", "_search_kernel", "_resolve_kernel", "_gather_kernel", "_grad_x_kernel",
             "_grad_codebook_atomic_kernel",
             "_grad_codebook_sorted_kernel", "_forward_kernel", "_backward_kernel", "_gumbel_kernel",
-            "_kl_kernel"} <= names
+            "_kl_kernel", "_logits_grad_kernel", "_codebook_grad_kernel"} <= names
     search_constants = {(l["kwargs"]["D"]["value"], l["kwargs"]["BLOCK_D"]["value"], l["kwargs"]["PRECISION"]["value"])
                         for l in launches if l["name"] == "_search_kernel"}
     assert {(8, 16), (64, 64), (256, 64)} <= {c[:2] for c in search_constants}  # D > BLOCK_D compiled too

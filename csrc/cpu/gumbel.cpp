@@ -56,16 +56,6 @@ struct GumbelProblem {
 };
 
 // ---------------------------------------------------------------- rows_in_lanes
-// Gumbel noise of columns kWideChunk * chunk .. kWideChunk * (chunk + 1) - 1 of `row`, in column order.
-inline void noise_of_chunk(uint64_t seed, uint64_t row, int64_t chunk, VecF out[4]) {
-  VecU bits[4];
-  simd::philox(seed, (VecU)simd::lane_index() + static_cast<uint32_t>(kLanes * chunk),
-               simd::splat_u(static_cast<uint32_t>(row)), simd::splat_u(static_cast<uint32_t>(row >> 32)), bits);
-  VecF lanes[4];
-  for (int k = 0; k < 4; ++k) lanes[k] = simd::gumbel_from_bits(bits[k]);
-  simd::interleave4(lanes, out);
-}
-
 template <typename scalar_t, Mode mode>
 void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t row,
                    float* buf, float* grad_buf, float* chunk_max) {
@@ -79,7 +69,7 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
     for (int v = 0; v < 4; ++v) best[v] = simd::splat(-kInf), best_col[v] = VecI{} - 1;
     for (int64_t j = 0; j < chunks; ++j) {
       VecF noise[4];
-      noise_of_chunk(p.seed, row, j, noise);
+      simd::gumbel_noise_of_chunk(p.seed, row, j, noise);
       for (int v = 0; v < 4; ++v) {
         const VecF z = simd::load(buf + kWideChunk * j + kLanes * v) + noise[v];
         finite &= z < kInf;
@@ -106,7 +96,7 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
   VecI finite = ~VecI{};
   for (int64_t j = 0; j < chunks; ++j) {
     VecF noise[4], z[4];
-    noise_of_chunk(p.seed, row, j, noise);
+    simd::gumbel_noise_of_chunk(p.seed, row, j, noise);
     float* chunk = buf + kWideChunk * j;
     for (int v = 0; v < 4; ++v) {
       z[v] = simd::load(chunk + kLanes * v) + noise[v];
@@ -354,12 +344,6 @@ void run_gumbel(const GumbelProblem& p, const scalar_t* x, const scalar_t* grad,
 }
 
 // `x` is the logits, or the soft sample y for kBackwardFromSample (then `seed` is unused).
-// The temperature: a one-element CPU tensor (read here, no device to wait for).
-double read_tau(const at::Tensor& tau) {
-  TORCH_CHECK(tau.numel() == 1 && tau.is_floating_point(), "tau must be a one-element floating-point tensor");
-  check_cpu(tau, "tau");
-  return tau.item<double>();
-}
 
 at::Tensor gumbel(const at::Tensor& x_in, const at::Tensor* grad_y, uint64_t seed, const at::Tensor& tau_t,
                   Mode mode, int64_t dim) {

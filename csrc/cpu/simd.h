@@ -202,5 +202,16 @@ FASTVAE_VEC_INLINE void interleave4(const VecF lanes[4], VecF out[4]) {
 #endif
 }
 
+// Gumbel noise of columns 4 kLanes * chunk .. 4 kLanes * (chunk + 1) - 1 of `row` (the Gumbel ops'
+// stream, reference.py), in column order.
+FASTVAE_VEC_INLINE void gumbel_noise_of_chunk(uint64_t seed, uint64_t row, int64_t chunk, VecF out[4]) {
+  VecU bits[4];
+  philox(seed, (VecU)lane_index() + static_cast<uint32_t>(kLanes * chunk), splat_u(static_cast<uint32_t>(row)),
+         splat_u(static_cast<uint32_t>(row >> 32)), bits);
+  VecF lanes[4];
+  for (int k = 0; k < 4; ++k) lanes[k] = gumbel_from_bits(bits[k]);
+  interleave4(lanes, out);
+}
+
 }  // namespace simd
 }  // namespace fastvae

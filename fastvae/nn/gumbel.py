@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops.gumbel import one_hot_codes
 
 
 class GumbelSoftmax(nn.Module):
@@ -34,7 +33,8 @@ class GumbelQuantizer(nn.Module):
       every position (taming's 1x1 convolution);
     * training: ``y = gumbel_softmax(logits, tau, hard=straight_through)`` over the codes,
       ``quantized = sum_k y_k * embed.weight[k]`` (``dim`` features along ``channel_dim``),
-      ``indices = argmax_k y_k``;
+      ``indices = argmax_k y_k``, by the fused :func:`fastvae.gumbel_quantize` (the
+      ``(N, K)`` sample is never written);
     * ``eval()``: ``indices = argmax_k logits`` (no noise, as DALL-E's tokenizer) and
       ``quantized`` is those codes;
     * ``loss = kl_weight * KL(softmax(logits) || uniform)``, the KL summed over codes and
@@ -46,8 +46,8 @@ class GumbelQuantizer(nn.Module):
     ``(quantized, loss, (None, None, indices))`` instead, for code written against it.
     Deliberate differences from taming: eval takes the argmax without noise (taming
     samples a hard code with noise), the KL has no ``+ 1e-10`` inside its log, and
-    ``proj`` is an ``nn.Linear`` (a taming checkpoint's ``proj.weight`` of shape
-    ``(K, C, 1, 1)`` loads after ``.flatten(1)``).
+    ``proj`` is an ``nn.Linear``; ``load_state_dict`` also takes a taming checkpoint's
+    convolution weight ``proj.weight`` of shape ``(K, C, 1, 1)``.
     """
 
     def __init__(self, in_channels, num_codes, dim, *, tau=1.0, straight_through=True, kl_weight=5e-4,
@@ -61,6 +61,7 @@ class GumbelQuantizer(nn.Module):
         self.proj = nn.Linear(in_channels, num_codes, **factory)
         self.embed = nn.Embedding(num_codes, dim, **factory)
         self.tau = nn.Parameter(torch.tensor(float(tau), **factory)) if learn_tau else tau
+        self.register_load_state_dict_pre_hook(_taming_projection)
 
     def forward(self, x):
         if x.shape[self.channel_dim] != self.in_channels:
@@ -69,12 +70,8 @@ class GumbelQuantizer(nn.Module):
         # Channel-last throughout: the projection, the sample and the mixing need no transposed copy.
         logits = self.proj(x.movedim(self.channel_dim, -1))
         if self.training:
-            sample = ops.gumbel_softmax(logits, self.tau, hard=self.straight_through, dim=-1)
-            indices = sample.argmax(dim=-1)
-            if self.straight_through:
-                quantized = one_hot_codes(sample, indices, self.embed.weight)
-            else:
-                quantized = sample @ self.embed.weight
+            quantized, indices = ops.gumbel_quantize(logits, self.embed.weight, self.tau, hard=self.straight_through,
+                                                     dim=-1)
         else:
             indices = logits.argmax(dim=-1)
             quantized = self.embed(indices)
@@ -88,3 +85,12 @@ class GumbelQuantizer(nn.Module):
         return (f"in_channels={self.in_channels}, num_codes={self.num_codes}, dim={self.dim}, tau={self.tau}, "
                 f"straight_through={self.straight_through}, kl_weight={self.kl_weight}, "
                 f"channel_dim={self.channel_dim}")
+
+
+def _taming_projection(module, state_dict, prefix, *args):
+    """A taming ``GumbelQuantize`` checkpoint's ``proj`` is a 1x1 convolution: its
+    ``(K, C, 1, 1)`` weight is this layer's ``(K, C)`` linear weight."""
+    key = prefix + "proj.weight"
+    weight = state_dict.get(key)
+    if weight is not None and weight.dim() == 4 and weight.shape[2:] == (1, 1):
+        state_dict[key] = weight.flatten(1)

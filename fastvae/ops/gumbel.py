@@ -158,7 +158,8 @@ def _tau_tensor(tau, logits):
         return tau.reshape(1).to(dtype)
     # A tau past the dtype's range is as good as its largest value: the sample is uniform.
     tau = min(check_real("tau", tau, minimum=0.0, inclusive=False), torch.finfo(dtype).max)
-    if torch.compiler.is_compiling():
+    # Under compilation or a dispatch mode (fake tensors) the tensor must be made in that mode.
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return torch.full((1,), float(tau), dtype=dtype, device=logits.device)
     key = (float(tau), logits.device, dtype)
     cached = _TAU_CACHE.get(key)
@@ -198,32 +199,3 @@ def categorical_kl(logits, prior_logits=None, *, dim=-1, reduction="batchmean"):
     if needs_autograd(logits, prior_logits):
         return apply(_CategoricalKL, logits, prior_logits, dim, reduction)
     return _categorical_kl(logits, prior_logits, dim, reduction)
-
-
-class _OneHotCodes(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, one_hot, indices, codebook):
-        ctx.save_for_backward(indices, codebook)
-        return codebook[indices]
-
-    @staticmethod
-    def backward(ctx, grad):
-        indices, codebook = ctx.saved_tensors
-        flat_grad = grad.reshape(-1, codebook.shape[1])
-        grad_one_hot = grad_codebook = None
-        if ctx.needs_input_grad[0]:
-            grad_one_hot = (flat_grad @ codebook.t().to(grad.dtype)).reshape(indices.shape + codebook.shape[:1])
-        if ctx.needs_input_grad[2]:
-            grad_codebook = torch.zeros(codebook.shape, dtype=torch.float32, device=codebook.device)
-            grad_codebook.index_add_(0, indices.reshape(-1), flat_grad.float())
-            grad_codebook = grad_codebook.to(codebook.dtype)
-        return grad_one_hot, None, grad_codebook
-
-
-def one_hot_codes(one_hot, indices, codebook):
-    """``one_hot @ codebook`` for a one-hot ``one_hot`` (``(..., K)``, e.g. a hard
-    Gumbel-Softmax sample carrying a straight-through gradient) whose ones are at
-    ``indices`` (``(...)``): the same values and gradients, but the forward is a gather
-    and the codebook's gradient an index_add, not two ``(N, K, D)`` matrix products, and
-    the one-hot is not kept for backward."""
-    return _OneHotCodes.apply(one_hot, indices, codebook)
