@@ -57,5 +57,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_quantize_rotation_backward", &fastvae::vector_quantize_rotation_backward);
   m.def("residual_quantize", &fastvae::residual_quantize);
   m.def("residual_quantize_backward", &fastvae::residual_quantize_backward);
+  m.def("residual_segment_sums", &fastvae::residual_segment_sums);
   m.def("segment_mean", &fastvae::segment_mean);
 }
