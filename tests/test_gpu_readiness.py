@@ -13,6 +13,8 @@ import fastvae
 from fastvae import _backend, reference
 from helpers import assert_close, requires, requires_on
 
+VQ_KERNEL_MODULES = ("fastvae.kernels.vq", "fastvae.kernels.vq_backward", "fastvae.kernels.residual_vq")
+
 
 def test_triton_cuda_calls_run_with_the_tensors_device_current(monkeypatch):
     """Triton launches on the current device and its stream: the dispatch layer makes the
@@ -182,7 +184,7 @@ def vq_tile_products(monkeypatch):
     original_run, original_mul = interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_mul
 
     def run(self, *args, **kwargs):
-        running.append(self.fn.__name__ if self.fn.__module__ == "fastvae.kernels.vq" else None)
+        running.append(self.fn.__name__ if self.fn.__module__ in VQ_KERNEL_MODULES else None)
         try:
             return original_run(self, *args, **kwargs)
         finally:
@@ -247,10 +249,11 @@ def gpu_vq_configuration(monkeypatch):
     """The VQ launchers take their CUDA configuration (64-row tiles, ``tf32x3`` dots, the
     CUDA rounding bound, an H100's 132 SMs) on CPU tensors, run by the interpreter."""
     requires_on("triton", "cpu", "vector_quantize", "vector_quantize_backward")
+    import fastvae.kernels._launch as vq_launch
     import fastvae.kernels.vq as vq_kernels
 
-    monkeypatch.setattr(vq_kernels, "_gpu_launch", lambda x: True)
-    monkeypatch.setattr(vq_kernels, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(vq_launch, "gpu_launch", lambda x: True)
+    monkeypatch.setattr(vq_launch, "multiprocessors", lambda device: 132)
     _interpret_bfloat16_dots(monkeypatch)
     return vq_kernels
 

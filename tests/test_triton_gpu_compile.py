@@ -96,7 +96,7 @@ def _jit_function(fn):
 def _record_gpu_launches(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
-    import fastvae.kernels.vq as vq_kernels
+    import fastvae.kernels._launch as vq_launch
 
     launches = set()
 
@@ -109,8 +109,8 @@ def _record_gpu_launches(monkeypatch):
                                 sort_keys=True))
 
     monkeypatch.setattr(InterpretedFunction, "run", record)
-    monkeypatch.setattr(vq_kernels, "_gpu_launch", lambda x: True)
-    monkeypatch.setattr(vq_kernels, "_multiprocessors", lambda device: H100_MULTIPROCESSORS)
+    monkeypatch.setattr(vq_launch, "gpu_launch", lambda x: True)
+    monkeypatch.setattr(vq_launch, "multiprocessors", lambda device: H100_MULTIPROCESSORS)
     implemented = set(_backend.implementations("triton"))
     with fastvae.use_backend("triton"):
         for deterministic in (False, True):
