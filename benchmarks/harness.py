@@ -128,8 +128,10 @@ class Case:
     """One benchmark case: candidates doing the same work on the same inputs."""
 
     def __init__(self, op, shape, candidates, bytes_moved=0, flops=0, device="cpu", dtype=torch.float32,
-                 mode="forward", memory=False, max_samples=None):
+                 mode="forward", memory=False, max_samples=None, targets=()):
         self.op, self.shape, self.candidates = op, shape, candidates
+        # (alternative, minimum fastvae speed-up over it, text): printed "met" or "not met" and recorded
+        self.targets = targets
         self.bytes_moved, self.flops, self.device, self.dtype = bytes_moved, flops, device, dtype
         self.mode, self.memory = mode, memory
         self.max_samples = max_samples  # for cases whose slowest candidate takes seconds a call
@@ -163,6 +165,12 @@ def run_case(case, args):
             record["peak_mib"] = peak_memory(case.candidates[name], case.device) / 2**20
         records.append(record)
     _print_records(records, floor)
+    for alternative, minimum, text in case.targets:
+        record = next((r for r in records if r["candidate"] == alternative), None)
+        if record is None:  # an optional peer not installed
+            continue
+        record["target"], record["target_met"] = text, record["fastvae_speedup"] >= minimum
+        print(f"  target: {text}: {'met' if record['target_met'] else 'not met'} ({record['fastvae_speedup']:.2f}x)")
     return records
 
 

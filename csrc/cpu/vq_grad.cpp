@@ -177,8 +177,9 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
       }
     }
   });
-  at::Tensor grad_codebooks = at::zeros({stages, k, d}, xf.options());
-  if (codebook_grad) {
+  at::Tensor grad_codebooks =
+      codebook_grad ? at::empty({stages, k, d}, xf.options()) : at::zeros({stages, k, d}, xf.options());
+  if (codebook_grad) {  // residual_stage_sums zeroes it first
     float* gc = grad_codebooks.data_ptr<float>();
     residual_stage_sums(xp, ep, idx, n, stages, k, d, /*after_code=*/true, gc, nullptr, "residual_quantize_backward");
     for (int64_t r = 0; r < stages; ++r)
