@@ -57,10 +57,10 @@ def test_residual_backward_without_codebook_gradient(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,d,r,k", [(90, 5, 3, 7), (40, 33, 2, 4), (9000, 64, 3, 16)])
+@pytest.mark.parametrize("n,d,r,k", [(90, 5, 3, 7), (40, 33, 2, 4), (9000, 512, 2, 16)])
 def test_residual_segment_sums(backend, dtype, n, d, r, k):
-    """Per stage and code: the sum and count of the stage inputs (native: 9000 rows of 64
-    span two of its row chunks)."""
+    """Per stage and code: the sum and count of the stage inputs (native: 9000 rows of 512
+    span three of its row chunks)."""
     requires(backend, "residual_quantize", "residual_segment_sums")
     if n > 1000 and backend != "native":
         pytest.skip("the chunk boundary is the native kernel's; the interpreter is slow at this size")

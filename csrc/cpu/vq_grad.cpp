@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_rotation_backward(const at::T
 namespace {
 
 // Each stage's segment sums of its residuals, never storing an (N, D) residual: the rows
-// go through in fixed chunks, one after the other; a chunk's residuals sit in a buffer (L2)
+// go through in fixed chunks, one after the other; a chunk's residuals sit in a buffer (cache)
 // and, stage by stage, threads split the codes: each adds its rows' residuals to its
 // code's row of sums[r] (in row order: the same bits for any thread count) and advances
 // them by that code. after_code: stage r sums res_{r+1} = res_r - e_r (the backward's
@@ -99,7 +99,8 @@ namespace {
 // gets each code's row count per stage.
 void residual_stage_sums(const float* xp, const float* ep, const int64_t* idx, int64_t n, int64_t stages, int64_t k,
                          int64_t d, bool after_code, float* sums, int64_t* counts, const char* op) {
-  const int64_t chunk = std::max<int64_t>(256, (int64_t{1} << 19) / std::max<int64_t>(d, 1));  // 2 MiB of rows
+  // 8 MiB of rows (cache-resident; few chunks: each stage of a chunk is a parallel region)
+  const int64_t chunk = std::max<int64_t>(256, (int64_t{1} << 21) / std::max<int64_t>(d, 1));
   std::vector<float> res(std::min(n, chunk) * d);
   std::fill(sums, sums + stages * k * d, 0.f);
   if (counts != nullptr) std::fill(counts, counts + stages * k, int64_t{0});
@@ -145,7 +146,7 @@ void check_residual_inputs(const at::Tensor& x, const at::Tensor& codebooks, con
 // g straight to x. So grad_x = g + sum_r beta s_r (res_r - e_r) and grad codebook r gets
 // -s_r sum over its rows of (res_r - e_r), s_r = 2 grad_losses[r] / (N D). Residuals are
 // rebuilt from x and the indices (never stored whole: memory stays O(N R + R K D)).
-// Without codebook_grad, grad_codebooks is zeros (not computed).
+// Without codebook_grad, grad_codebooks is zeros (not computed: a broadcast zero).
 std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& grad_quantized,
                                                               const at::Tensor& grad_losses, const at::Tensor& x,
                                                               const at::Tensor& codebooks, const at::Tensor& indices,
@@ -177,9 +178,10 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
       }
     }
   });
-  at::Tensor grad_codebooks =
-      codebook_grad ? at::empty({stages, k, d}, xf.options()) : at::zeros({stages, k, d}, xf.options());
-  if (codebook_grad) {  // residual_stage_sums zeroes it first
+  if (!codebook_grad)  // not computed: a broadcast zero, no (R, K, D) pass
+    return {grad_x.to(x.scalar_type()), at::zeros({}, codebooks.options()).expand({stages, k, d})};
+  at::Tensor grad_codebooks = at::empty({stages, k, d}, xf.options());
+  {  // residual_stage_sums zeroes it first
     float* gc = grad_codebooks.data_ptr<float>();
     residual_stage_sums(xp, ep, idx, n, stages, k, d, /*after_code=*/true, gc, nullptr, "residual_quantize_backward");
     for (int64_t r = 0; r < stages; ++r)
