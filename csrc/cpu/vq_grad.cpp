@@ -90,44 +90,53 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_rotation_backward(const at::T
 
 namespace {
 
-// Each stage's segment sums of its residuals, never storing an (N, D) residual: the rows
-// go through in fixed chunks, one after the other; a chunk's residuals sit in a buffer (cache)
-// and, stage by stage, threads split the codes: each adds its rows' residuals to its
-// code's row of sums[r] (in row order: the same bits for any thread count) and advances
-// them by that code. after_code: stage r sums res_{r+1} = res_r - e_r (the backward's
-// res_r - e_r), else res_r (the stage's input, the EMA's statistics). counts, if given,
-// gets each code's row count per stage.
+// Each stage's segment sums of its residuals, never storing an (N, D) residual. The rows
+// are cut into a fixed number of parts (set by N, never by the thread count); a part walks
+// its rows in order, each row's residual in L1 through the stages, adding it to the part's
+// own (R, K, D) sums; the parts are then added in part order: the same bits for any thread
+// count, in two parallel regions (each a stall on a loaded machine, so few of them).
+// after_code: stage r sums res_{r+1} = res_r - e_r (the backward's res_r - e_r), else res_r
+// (the stage's input, the EMA's statistics). counts, if given, gets each code's row count
+// per stage.
 void residual_stage_sums(const float* xp, const float* ep, const int64_t* idx, int64_t n, int64_t stages, int64_t k,
                          int64_t d, bool after_code, float* sums, int64_t* counts, const char* op) {
-  // 8 MiB of rows (cache-resident; few chunks: each stage of a chunk is a parallel region)
-  const int64_t chunk = std::max<int64_t>(256, (int64_t{1} << 21) / std::max<int64_t>(d, 1));
-  std::vector<float> res(std::min(n, chunk) * d);
-  std::fill(sums, sums + stages * k * d, 0.f);
-  if (counts != nullptr) std::fill(counts, counts + stages * k, int64_t{0});
-  for (int64_t begin = 0; begin < n; begin += chunk) {
-    const int64_t rows = std::min(chunk, n - begin);
-    std::copy(xp + begin * d, xp + (begin + rows) * d, res.begin());
-    for (int64_t r = 0; r < stages; ++r) {
-      const Segments segments(idx + begin * stages + r, rows, k, op, stages);
-      const float* book = ep + r * k * d;
-      float* stage_sums = sums + r * k * d;
-      at::parallel_for(0, k, 16, [&](int64_t code_begin, int64_t code_end) {
-        for (int64_t c = code_begin; c < code_end; ++c) {
-          const float* e = book + c * d;
-          float* acc = stage_sums + c * d;
-          for (int64_t p = segments.offset[c]; p < segments.offset[c + 1]; ++p) {
-            float* row = res.data() + segments.order[p] * d;
-            if (after_code)
-              for (int64_t j = 0; j < d; ++j) row[j] -= e[j], acc[j] += row[j];
-            else
-              for (int64_t j = 0; j < d; ++j) acc[j] += row[j], row[j] -= e[j];
-          }
-        }
-      });
-      if (counts != nullptr)
-        for (int64_t c = 0; c < k; ++c) counts[r * k + c] += segments.count(c);
-    }
+  for (int64_t i = 0; i < n * stages; ++i) {  // checked before the threads start
+    const int64_t c = idx[i];
+    TORCH_CHECK(c >= 0 && c < k, op, ": index ", c, " out of range [0, ", k, ")");
   }
+  if (counts != nullptr) {
+    std::fill(counts, counts + stages * k, int64_t{0});
+    for (int64_t i = 0; i < n * stages; ++i) ++counts[(i % stages) * k + idx[i]];
+  }
+  const int64_t size = stages * k * d, parts = std::clamp<int64_t>(n / 4096, 1, 4);
+  const int64_t rows_per_part = (n + parts - 1) / parts;
+  std::vector<float> partial((parts - 1) * size);  // part 0 adds into sums itself
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    std::vector<float> res(d);
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      float* acc = part == 0 ? sums : partial.data() + (part - 1) * size;
+      std::fill(acc, acc + size, 0.f);
+      for (int64_t i = part * rows_per_part; i < std::min(n, (part + 1) * rows_per_part); ++i) {
+        std::copy(xp + i * d, xp + (i + 1) * d, res.begin());
+        for (int64_t r = 0; r < stages; ++r) {
+          const int64_t row = (r * k + idx[i * stages + r]) * d;
+          const float* e = ep + row;
+          float* a = acc + row;
+          if (after_code)
+            for (int64_t j = 0; j < d; ++j) res[j] -= e[j], a[j] += res[j];
+          else
+            for (int64_t j = 0; j < d; ++j) a[j] += res[j], res[j] -= e[j];
+        }
+      }
+    }
+  });
+  if (parts > 1)
+    at::parallel_for(0, size, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t part = 1; part < parts; ++part) {
+        const float* add = partial.data() + (part - 1) * size;
+        for (int64_t i = begin; i < end; ++i) sums[i] += add[i];
+      }
+    });
 }
 
 void check_residual_inputs(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& indices,
