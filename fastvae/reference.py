@@ -427,7 +427,8 @@ def residual_quantize(x, codebooks, beta):
 def residual_quantize_backward(grad_quantized, grad_losses, x, codebooks, indices, beta, codebook_grad=True):
     """Straight-through to x; stage r's loss reaches x through its residual (commitment) and
     codebook r through its codes; earlier stages' codes are constants in the residual.
-    Without ``codebook_grad`` the codebooks' gradient is zeros (not computed)."""
+    Without ``codebook_grad`` the codebooks' gradient is not computed (zeros here; backends
+    may leave it unset)."""
     ct = compute_dtype(x)
     residual = x.to(ct)
     grad_x = grad_quantized.to(ct).clone()
@@ -452,7 +453,7 @@ def residual_segment_sums(x, codebooks, indices):
     counts = torch.zeros(stages, num_codes, dtype=torch.int64, device=x.device)
     for r in range(stages):
         sums[r].index_add_(0, indices[:, r], residual)
-        counts[r] = torch.bincount(indices[:, r], minlength=num_codes)
+        counts[r].scatter_add_(0, indices[:, r], torch.ones_like(indices[:, r]))  # bincount syncs on CUDA
         residual = residual - codebooks[r].to(ct)[indices[:, r]]
     return sums, counts
 

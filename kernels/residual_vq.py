@@ -111,7 +111,8 @@ def residual_quantize_backward(grad_quantized, grad_losses, x, codebooks, indice
     grad_losses = grad_losses.contiguous()
     deterministic = torch.are_deterministic_algorithms_enabled()
     grad_x = torch.empty_like(x)
-    grad_cb = torch.zeros(stages, k, d, device=x.device, dtype=torch.float32)
+    # not computed without codebook_grad (unspecified values, as the native backend's)
+    grad_cb = (torch.zeros if codebook_grad else torch.empty)(stages, k, d, device=x.device, dtype=torch.float32)
     if n:
         block_d = triton.next_power_of_2(max(d, 1))
         block_n = max(1, min(64, 4096 // block_d))

@@ -155,7 +155,7 @@ void check_residual_inputs(const at::Tensor& x, const at::Tensor& codebooks, con
 // g straight to x. So grad_x = g + sum_r beta s_r (res_r - e_r) and grad codebook r gets
 // -s_r sum over its rows of (res_r - e_r), s_r = 2 grad_losses[r] / (N D). Residuals are
 // rebuilt from x and the indices (never stored whole: memory stays O(N R + R K D)).
-// Without codebook_grad, grad_codebooks is zeros (not computed: a broadcast zero).
+// Without codebook_grad, grad_codebooks is not computed (its values are unspecified).
 std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& grad_quantized,
                                                               const at::Tensor& grad_losses, const at::Tensor& x,
                                                               const at::Tensor& codebooks, const at::Tensor& indices,
@@ -187,10 +187,9 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
       }
     }
   });
-  if (!codebook_grad)  // not computed: a broadcast zero, no (R, K, D) pass
-    return {grad_x.to(x.scalar_type()), at::zeros({}, codebooks.options()).expand({stages, k, d})};
+  // Without codebook_grad: not computed, no (R, K, D) pass (contiguous, as the op's fake says).
   at::Tensor grad_codebooks = at::empty({stages, k, d}, xf.options());
-  {  // residual_stage_sums zeroes it first
+  if (codebook_grad) {  // residual_stage_sums zeroes it first
     float* gc = grad_codebooks.data_ptr<float>();
     residual_stage_sums(xp, ep, idx, n, stages, k, d, /*after_code=*/true, gc, nullptr, "residual_quantize_backward");
     for (int64_t r = 0; r < stages; ++r)

@@ -78,5 +78,7 @@ def residual_segment_sums(x, codebooks, indices):
     ``res_r = x - sum_{j<r} codebooks[j][indices[:, j]]`` over the rows of ``x`` ``(N, D)``
     with ``indices[:, r] == c`` (``sums`` ``(R, K, D)``, float32, float64 for float64 ``x``)
     and their number (``counts`` ``(R, K)``, int64): a residual quantizer's EMA statistics in
-    one pass, the residuals never stored. Summed in a fixed order (native: row order)."""
+    one pass, the residuals never stored. Summed in an order fixed by the inputs, whatever the
+    thread count (native: row order within row parts set by N, then the parts in order;
+    Triton: row order)."""
     return _residual_segment_sums(x, codebooks.to(x.dtype), indices)
