@@ -204,19 +204,26 @@ def vq_tile_products(monkeypatch):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_vq_kernels_address_rows_and_codes_in_64_bits(vq_tile_products, deterministic):
     """``row * D`` in int32 wraps once N * D >= 2^31 (8.4M rows at D = 256): every tile
-    offset of the search, finish and backward kernels is computed in int64."""
+    offset of the search, finish and backward kernels (straight-through, rotation, residual)
+    is computed in int64."""
     requires_on("triton", "cpu", "vector_quantize", "vector_quantize_backward")
     x = torch.randn(70, 20, requires_grad=True)
     codebook = torch.randn(30, 20, requires_grad=True)
     torch.use_deterministic_algorithms(deterministic)
     try:
         with fastvae.use_backend("triton"):
-            quantized, _, loss = fastvae.vector_quantize(x, codebook)
-            (quantized.sum() + loss).backward()
+            for estimator in ("ste", "rotation"):
+                quantized, _, loss = fastvae.vector_quantize(x, codebook, estimator=estimator)
+                (quantized.sum() + loss).backward()
+            quantized, _, losses = fastvae.residual_quantize(x, torch.stack([codebook, codebook]))
+            (quantized.sum() + losses.sum()).backward()
     finally:
         torch.use_deterministic_algorithms(False)
     expected_kernels = {"_codebook_kernel", "_search_kernel", "_resolve_kernel", "_grad_x_kernel",
-                        "_grad_codebook_sorted_kernel" if deterministic else "_grad_codebook_atomic_kernel"}
+                        "_grad_codebook_sorted_kernel" if deterministic else "_grad_codebook_atomic_kernel",
+                        "_grad_x_rotation_kernel", "_residual_backward_kernel"}
+    if deterministic:
+        expected_kernels.add("_stage_sums_kernel")
     assert set(vq_tile_products) >= expected_kernels
     narrow = {name: dtypes for name, dtypes in vq_tile_products.items() if dtypes != {np.dtype(np.int64)}}
     assert not narrow, f"32-bit address products in {narrow}"
