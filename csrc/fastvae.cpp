@@ -60,6 +60,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vector_quantize_rotation_backward", &fastvae::vector_quantize_rotation_backward);
   m.def("residual_quantize", &fastvae::residual_quantize);
   m.def("residual_quantize_backward", &fastvae::residual_quantize_backward);
+  m.def("residual_segment_sums", &fastvae::residual_segment_sums);
   m.def("segment_mean", &fastvae::segment_mean);
   // ---- The per-call path of plain eager CPU calls (csrc/eager.cpp): the result, or None
   // for a call the Python path must take.

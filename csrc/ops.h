@@ -59,7 +59,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_quantize(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& grad_quantized,
                                                               const at::Tensor& grad_losses, const at::Tensor& x,
                                                               const at::Tensor& codebooks, const at::Tensor& indices,
-                                                              double beta);
+                                                              double beta, bool codebook_grad);
+std::tuple<at::Tensor, at::Tensor> residual_segment_sums(const at::Tensor& x, const at::Tensor& codebooks,
+                                                         const at::Tensor& indices);
 std::tuple<at::Tensor, at::Tensor> vector_quantize_rotation_backward(const at::Tensor& grad_quantized,
                                                                      const at::Tensor& grad_loss, const at::Tensor& x,
                                                                      const at::Tensor& codebook,

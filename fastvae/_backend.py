@@ -34,7 +34,7 @@ OPS = (
     "gumbel_softmax", "gumbel_softmax_backward", "gumbel_softmax_backward_from_sample",
     "categorical_kl", "categorical_kl_backward", "gumbel_quantize", "gumbel_quantize_backward",
     "nearest_code", "vector_quantize", "vector_quantize_backward", "vector_quantize_rotation_backward",
-    "residual_quantize", "residual_quantize_backward", "segment_mean",
+    "residual_quantize", "residual_quantize_backward", "residual_segment_sums", "segment_mean",
 )
 KERNEL_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 ALL_DTYPES = KERNEL_DTYPES | {torch.float64}

@@ -424,9 +424,11 @@ def residual_quantize(x, codebooks, beta):
             torch.stack(losses).to(x.dtype))
 
 
-def residual_quantize_backward(grad_quantized, grad_losses, x, codebooks, indices, beta):
+def residual_quantize_backward(grad_quantized, grad_losses, x, codebooks, indices, beta, codebook_grad=True):
     """Straight-through to x; stage r's loss reaches x through its residual (commitment) and
-    codebook r through its codes; earlier stages' codes are constants in the residual."""
+    codebook r through its codes; earlier stages' codes are constants in the residual.
+    Without ``codebook_grad`` the codebooks' gradient is not computed (zeros here; backends
+    may leave it unset)."""
     ct = compute_dtype(x)
     residual = x.to(ct)
     grad_x = grad_quantized.to(ct).clone()
@@ -435,8 +437,25 @@ def residual_quantize_backward(grad_quantized, grad_losses, x, codebooks, indice
         scale = grad_losses[r].to(ct) * 2.0 / max(x.numel(), 1)
         residual = residual - codebooks[r].to(ct)[indices[:, r]]  # res_r - e_r
         grad_x += beta * scale * residual
-        grad_codebooks[r].index_add_(0, indices[:, r], -scale * residual)
+        if codebook_grad:
+            grad_codebooks[r].index_add_(0, indices[:, r], -scale * residual)
     return grad_x.to(x.dtype).contiguous(), grad_codebooks.to(codebooks.dtype)
+
+
+def residual_segment_sums(x, codebooks, indices):
+    """Per stage r and code c, the sum of the stage inputs ``res_r = x - sum_{j<r} e_j`` of
+    the rows with ``indices[:, r] == c`` (float32, float64 for float64 x) and their count
+    (int64): ``(sums (R, K, D), counts (R, K))``, residual VQ's EMA statistics."""
+    ct = compute_dtype(x)
+    residual = x.to(ct)
+    stages, num_codes, dim = codebooks.shape
+    sums = torch.zeros(stages, num_codes, dim, dtype=ct, device=x.device)
+    counts = torch.zeros(stages, num_codes, dtype=torch.int64, device=x.device)
+    for r in range(stages):
+        sums[r].index_add_(0, indices[:, r], residual)
+        counts[r].scatter_add_(0, indices[:, r], torch.ones_like(indices[:, r]))  # bincount syncs on CUDA
+        residual = residual - codebooks[r].to(ct)[indices[:, r]]
+    return sums, counts
 
 
 def segment_mean(x, indices, num_segments):

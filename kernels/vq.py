@@ -1,4 +1,4 @@
-"""VQ column in Triton: nearest_code, vector_quantize and its backward.
+"""VQ column in Triton: nearest_code and vector_quantize (backward: vq_backward.py; residual VQ: residual_vq.py).
 
 Codebook (``_codebook_kernel``): ``||e - c||^2`` of every code and their maximum, with
 ``c`` the codebook's mean: the search ranks centred vectors (same differences, smaller
@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from .gaussian import SUM_BLOCK, _sum_kernel
 
 _UNIT_ROUNDOFF = 2.0**-24
@@ -292,23 +293,13 @@ def _codebook_kernel(cb_ptr, centre_ptr, cb_sq_ptr, cb_sq_max_ptr, K, D: tl.cons
     tl.atomic_max(cb_sq_max_ptr, tl.max(tl.where(sq != sq, float("inf"), sq), axis=0))
 
 
-def _gpu_launch(x):
-    """Whether launches for ``x`` take the GPU configuration (tiles, dot precision, rounding
-    bound). One place, so the tests can compile and interpret that configuration on CPU."""
-    return x.is_cuda
-
-
-def _multiprocessors(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _config(x):
     """(BLOCK_N, BLOCK_K, BLOCK_D for the dot, BLOCK_D for the exact rescan, programs to aim
     for), by shape on a GPU within an H100's block (227 KiB shared memory, no spills: the
     sm_90 compile test compiles each branch)."""
     d = triton.next_power_of_2(max(x.shape[1], 16))
-    if _gpu_launch(x):
-        programs = 2 * _multiprocessors(x.device)
+    if _launch.gpu_launch(x):
+        programs = 2 * _launch.multiprocessors(x.device)
         if d <= 16:  # a sliver of a dot: the per-tile reductions dominate, so twice the rows share them
             return 128, 64, d, d, programs
         # 16-bit code tiles are half the bytes: twice the codes per tile in the same shared memory.
@@ -350,7 +341,7 @@ def _search(x, codebook, write_quantized):
     n, d = x.shape
     k = codebook.shape[0]
     block_n, block_k, block_d, scan_block_d, target_programs = _config(x)
-    on_gpu = _gpu_launch(x)
+    on_gpu = _launch.gpu_launch(x)
     dot_16bit = on_gpu and x.dtype in (torch.float16, torch.bfloat16)
     precision = "tf32x3" if on_gpu and not dot_16bit else "ieee"  # 16-bit dots ignore it
     centre_codes = not dot_16bit  # centred 16-bit values would not be exact in 16 bits
@@ -404,163 +395,3 @@ def vector_quantize(x, codebook, beta):
     # (1 + beta) * sum / numel in one launch (the Gaussian column's ordered sum)
     _sum_kernel[(1,)](loss_parts, loss, loss_parts.numel(), max(x.numel(), 1) / (1.0 + beta), SUM_BLOCK=SUM_BLOCK)
     return quantized, indices, loss
-
-
-@triton.jit
-def _grad_x_kernel(grad_q_ptr, x_ptr, cb_ptr, index_ptr, grad_x_ptr, grad_loss_ptr, N, commit_per_grad,
-                   D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grad_x = grad_quantized + beta * scale * (x - e[index]), scale = 2 grad_loss / (N D)."""
-    commit = commit_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (rows < N)[:, None] & (dims < D)[None, :]
-    index = tl.load(index_ptr + rows, mask=rows < N, other=0)
-    offs = rows[:, None] * D + dims[None, :]
-    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ev = tl.load(cb_ptr + index[:, None] * D + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-    gq = tl.load(grad_q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(grad_x_ptr + offs, (gq + commit * (xv - ev)).to(grad_x_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _grad_codebook_atomic_kernel(x_ptr, cb_ptr, index_ptr, grad_cb_ptr, grad_loss_ptr, N, scale_per_grad,
-                                 D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grad_cb[index[r]] += -scale * (x_r - e[index[r]]) with atomics (order varies per run)."""
-    neg_scale = -scale_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = (rows < N)[:, None] & (dims < D)[None, :]
-    index = tl.load(index_ptr + rows, mask=rows < N, other=0)
-    xv = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-    code = index[:, None] * D + dims[None, :]
-    ev = tl.load(cb_ptr + code, mask=mask, other=0.0).to(tl.float32)
-    tl.atomic_add(grad_cb_ptr + code, neg_scale * (xv - ev), mask=mask)
-
-
-@triton.jit
-def _grad_codebook_sorted_kernel(x_ptr, cb_ptr, order_ptr, offset_ptr, grad_cb_ptr, grad_loss_ptr, scale_per_grad,
-                                 D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per code: sums its rows (order[offset[c]:offset[c+1]]) in a fixed order."""
-    neg_scale = -scale_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    code = tl.program_id(0).to(tl.int64)
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = dims < D
-    start, end = tl.load(offset_ptr + code), tl.load(offset_ptr + code + 1)
-    ev = tl.load(cb_ptr + code * D + dims, mask=d_ok, other=0.0).to(tl.float32)
-    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for p in range(start, end, BLOCK_R):
-        pos = p + tl.arange(0, BLOCK_R)
-        row = tl.load(order_ptr + pos, mask=pos < end, other=0)
-        mask = (pos < end)[:, None] & d_ok[None, :]
-        xv = tl.load(x_ptr + row[:, None] * D + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where(mask, xv - ev[None, :], 0.0)
-    tl.store(grad_cb_ptr + code * D + dims, neg_scale * tl.sum(acc, axis=0), mask=d_ok)
-
-
-def vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, beta):
-    x, codebook, indices = x.contiguous(), codebook.contiguous(), indices.contiguous()
-    grad_quantized = grad_quantized.contiguous()
-    n, d = x.shape
-    k = codebook.shape[0]
-    scale_per_grad = 2.0 / max(x.numel(), 1)  # times grad_loss, read by the kernels (no host sync)
-    block_n = 64
-    block_d = min(triton.next_power_of_2(max(d, 1)), 128 if _gpu_launch(x) else 256)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
-    grad_x = torch.empty_like(x)
-    grad_cb = torch.zeros(k, d, device=x.device, dtype=torch.float32)
-    if n == 0:
-        return grad_x, grad_cb.to(codebook.dtype)
-    _grad_x_kernel[grid](grad_quantized, x, codebook, indices, grad_x, grad_loss, n, beta * scale_per_grad, D=d, BLOCK_N=block_n,
-                         BLOCK_D=block_d)
-    if torch.are_deterministic_algorithms_enabled():
-        # Sorted segment sums: a stable sort groups each code's rows in row order; code c's
-        # rows start where c would be inserted (searchsorted: no host sync, unlike bincount).
-        sorted_indices, order = torch.sort(indices, stable=True)
-        offset = torch.searchsorted(sorted_indices, torch.arange(k + 1, device=x.device, dtype=torch.int64))
-        _grad_codebook_sorted_kernel[(k, triton.cdiv(d, block_d))](x, codebook, order, offset, grad_cb, grad_loss,
-                                                                    scale_per_grad, D=d,
-                                                                    BLOCK_R=block_n, BLOCK_D=block_d)
-    else:
-        _grad_codebook_atomic_kernel[grid](x, codebook, indices, grad_cb, grad_loss, n, scale_per_grad, D=d, BLOCK_N=block_n,
-                                           BLOCK_D=block_d)
-    return grad_x, grad_cb.to(codebook.dtype)
-
-
-# ---- rotation-trick estimator, segment means (k-means) and residual VQ (VQ column additions)
-@triton.jit
-def _grad_x_rotation_kernel(grad_q_ptr, x_ptr, cb_ptr, index_ptr, grad_x_ptr, grad_loss_ptr, N, commit_per_grad,
-                            D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grad_x = |e|/|x| (g - 2 w (w.g) + 2 u (q.g)) + beta * scale * (x - e), whole rows per
-    program (u = x/|x|, q = e/|e|, w = (u + q)/|u + q|); g where |x| = 0."""
-    commit = commit_per_grad * tl.load(grad_loss_ptr).to(tl.float32)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (rows < N)[:, None] & (dims < D)[None, :]
-    index = tl.load(index_ptr + rows, mask=rows < N, other=0)
-    offs = rows[:, None] * D + dims[None, :]
-    xv = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ev = tl.load(cb_ptr + index[:, None] * D + dims[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(grad_q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    x_norm = tl.sqrt(tl.sum(xv * xv, axis=1))
-    e_norm = tl.sqrt(tl.sum(ev * ev, axis=1))
-    inv_x = tl.where(x_norm > 0, 1.0 / tl.where(x_norm > 0, x_norm, 1.0), 0.0)
-    inv_e = tl.where(e_norm > 0, 1.0 / tl.where(e_norm > 0, e_norm, 1.0), 0.0)
-    u = xv * inv_x[:, None]
-    q = ev * inv_e[:, None]
-    w = u + q
-    w_norm = tl.sqrt(tl.sum(w * w, axis=1))
-    w = w * tl.where(w_norm > 0, 1.0 / tl.where(w_norm > 0, w_norm, 1.0), 0.0)[:, None]
-    wg = tl.sum(w * g, axis=1)
-    qg = tl.sum(q * g, axis=1)
-    rotated = (e_norm * inv_x)[:, None] * (g - 2.0 * w * wg[:, None] + 2.0 * u * qg[:, None])
-    out = tl.where((x_norm > 0)[:, None], rotated, g) + commit * (xv - ev)
-    tl.store(grad_x_ptr + offs, out.to(grad_x_ptr.dtype.element_ty), mask=mask)
-
-
-def vector_quantize_rotation_backward(grad_quantized, grad_loss, x, codebook, indices, beta):
-    # The codebook term is the straight-through one; its launcher's grad_x is then rewritten
-    # by the rotation kernel (one extra pass over grad_x, kept apart from the STE launcher).
-    grad_x, grad_cb = vector_quantize_backward(grad_quantized, grad_loss, x, codebook, indices, beta)
-    n, d = x.shape
-    if n == 0:
-        return grad_x, grad_cb
-    block_d = triton.next_power_of_2(max(d, 1))
-    block_n = max(1, min(64, 4096 // block_d))
-    _grad_x_rotation_kernel[(triton.cdiv(n, block_n),)](
-        grad_quantized.contiguous(), x.contiguous(), codebook.contiguous(), indices.contiguous(), grad_x, grad_loss,
-        n, beta * 2.0 / max(x.numel(), 1), D=d, BLOCK_N=block_n, BLOCK_D=block_d)
-    return grad_x, grad_cb
-
-
-def segment_mean(x, indices, num_segments):
-    """Deterministic: rows grouped by a stable sort and summed in row order by the codebook
-    kernel (``-scale * sum(x - 0)`` with scale -1), then divided by the counts."""
-    x, n, d = x.float().contiguous(), x.shape[0], x.shape[1]
-    counts = indices.new_zeros(num_segments).scatter_add_(0, indices, torch.ones_like(indices))  # no host sync
-    sums = torch.zeros(num_segments, d, device=x.device, dtype=torch.float32)
-    if n:
-        order = torch.sort(indices, stable=True).indices
-        offset = torch.zeros(num_segments + 1, device=x.device, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=offset[1:])
-        block_d = min(triton.next_power_of_2(max(d, 1)), 256)
-        zeros = torch.zeros(num_segments, d, device=x.device, dtype=torch.float32)
-        minus_one = torch.full((1,), -1.0, device=x.device)
-        _grad_codebook_sorted_kernel[(num_segments, triton.cdiv(d, block_d))](
-            x, zeros, order, offset, sums, minus_one, 1.0, D=d, BLOCK_R=64, BLOCK_D=block_d)
-    return sums / counts.clamp_min(1)[:, None], counts
-
-
-def residual_quantize(x, codebooks, beta):
-    """Stage by stage with the search kernels: unlike the native backend, the residual goes
-    through memory between stages (a fused multi-stage kernel is future work)."""
-    residual = x.to(torch.float32, copy=True)  # updated in place: never x itself
-    quantized = torch.zeros_like(residual)
-    indices, losses = [], []
-    for codebook in codebooks:
-        index, _, code, loss_parts = _search(residual, codebook.float(), write_quantized=True)
-        quantized += code
-        residual -= code
-        indices.append(index)
-        losses.append(loss_parts.sum())
-    losses = (1.0 + beta) * torch.stack(losses) / max(x.numel(), 1)
-    return quantized.to(x.dtype), torch.stack(indices, dim=1), losses.to(x.dtype)

@@ -13,6 +13,8 @@ import fastvae
 from fastvae import _backend, reference
 from helpers import assert_close, requires, requires_on
 
+VQ_KERNEL_MODULES = ("fastvae.kernels.vq", "fastvae.kernels.vq_backward", "fastvae.kernels.residual_vq")
+
 
 def test_triton_cuda_calls_run_with_the_tensors_device_current(monkeypatch):
     """Triton launches on the current device and its stream: the dispatch layer makes the
@@ -182,7 +184,7 @@ def vq_tile_products(monkeypatch):
     original_run, original_mul = interpreter.InterpretedFunction.run, interpreter.InterpreterBuilder.create_mul
 
     def run(self, *args, **kwargs):
-        running.append(self.fn.__name__ if self.fn.__module__ == "fastvae.kernels.vq" else None)
+        running.append(self.fn.__name__ if self.fn.__module__ in VQ_KERNEL_MODULES else None)
         try:
             return original_run(self, *args, **kwargs)
         finally:
@@ -202,19 +204,26 @@ def vq_tile_products(monkeypatch):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_vq_kernels_address_rows_and_codes_in_64_bits(vq_tile_products, deterministic):
     """``row * D`` in int32 wraps once N * D >= 2^31 (8.4M rows at D = 256): every tile
-    offset of the search, finish and backward kernels is computed in int64."""
+    offset of the search, finish and backward kernels (straight-through, rotation, residual)
+    is computed in int64."""
     requires_on("triton", "cpu", "vector_quantize", "vector_quantize_backward")
     x = torch.randn(70, 20, requires_grad=True)
     codebook = torch.randn(30, 20, requires_grad=True)
     torch.use_deterministic_algorithms(deterministic)
     try:
         with fastvae.use_backend("triton"):
-            quantized, _, loss = fastvae.vector_quantize(x, codebook)
-            (quantized.sum() + loss).backward()
+            for estimator in ("ste", "rotation"):
+                quantized, _, loss = fastvae.vector_quantize(x, codebook, estimator=estimator)
+                (quantized.sum() + loss).backward()
+            quantized, _, losses = fastvae.residual_quantize(x, torch.stack([codebook, codebook]))
+            (quantized.sum() + losses.sum()).backward()
     finally:
         torch.use_deterministic_algorithms(False)
     expected_kernels = {"_codebook_kernel", "_search_kernel", "_resolve_kernel", "_grad_x_kernel",
-                        "_grad_codebook_sorted_kernel" if deterministic else "_grad_codebook_atomic_kernel"}
+                        "_grad_codebook_sorted_kernel" if deterministic else "_grad_codebook_atomic_kernel",
+                        "_grad_x_rotation_kernel", "_residual_backward_kernel"}
+    if deterministic:
+        expected_kernels.add("_stage_sums_kernel")
     assert set(vq_tile_products) >= expected_kernels
     narrow = {name: dtypes for name, dtypes in vq_tile_products.items() if dtypes != {np.dtype(np.int64)}}
     assert not narrow, f"32-bit address products in {narrow}"
@@ -247,10 +256,11 @@ def gpu_vq_configuration(monkeypatch):
     """The VQ launchers take their CUDA configuration (64-row tiles, ``tf32x3`` dots, the
     CUDA rounding bound, an H100's 132 SMs) on CPU tensors, run by the interpreter."""
     requires_on("triton", "cpu", "vector_quantize", "vector_quantize_backward")
+    import fastvae.kernels._launch as vq_launch
     import fastvae.kernels.vq as vq_kernels
 
-    monkeypatch.setattr(vq_kernels, "_gpu_launch", lambda x: True)
-    monkeypatch.setattr(vq_kernels, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(vq_launch, "gpu_launch", lambda x: True)
+    monkeypatch.setattr(vq_launch, "multiprocessors", lambda device: 132)
     _interpret_bfloat16_dots(monkeypatch)
     return vq_kernels
 

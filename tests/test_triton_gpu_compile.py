@@ -2,7 +2,7 @@
 
 The interpreter runs kernels as NumPy and forgives what the GPU compiler does not
 (non-constexpr globals, dtype mismatches in tl.where, layouts, resource limits). Here the
-ops run on CPU tensors with the GPU launch configuration forced (``kernels.vq._gpu_launch``:
+ops run on CPU tensors with the GPU launch configuration forced (``kernels._launch.gpu_launch``:
 64-row tiles, ``tf32x3`` dots, the CUDA rounding bound, 132 SMs) at the benchmarks' GPU
 shapes, in float32, bfloat16 and (VQ's 16-bit dot) float16; each launch is recorded *instead of* run (the
 shapes are too large for the interpreter, and the tensors are never touched), then the
@@ -35,6 +35,7 @@ GAUSSIAN_SHAPE = (65536, 256)
 # one tile, online softmax (32768 x 8192), dim=1, few classes (rows-long tiles)
 GUMBEL_SHAPES = [(4096, 512), (512, 8192), (64, 16, 7, 7), (65536, 16)]
 VQ_SHAPES = [(32768, 1024, 256), (32768, 16384, 8), (32768, 512, 64), (200, 4096, 64)]  # the last splits codes
+RESIDUAL_SHAPE = (24000, 128, 8, 1024, 128)  # (N, D) and (R, K, D)
 SIXTEEN_BIT_SHAPES = {"gumbel": GUMBEL_SHAPES[:1], "vq": [(32768, 1024, 256), (32768, 512, 64)]}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -90,6 +91,14 @@ def _gpu_shaped_calls(dtype):
         yield lambda: fastvae.nearest_code(x, codebook)
         if dtype != torch.float16:
             yield lambda: fastvae.vector_quantize(x, codebook)
+    if dtype != torch.float16:  # residual VQ's backward kernels at EnCodec's shape, called with real
+        # indices (the recorded forward leaves its own unset, and the sorted sums read them)
+        from fastvae.kernels import residual_vq
+        x, codebooks = torch.empty(*RESIDUAL_SHAPE[:2], dtype=dtype), torch.empty(*RESIDUAL_SHAPE[2:], dtype=dtype)
+        indices = torch.zeros(RESIDUAL_SHAPE[0], RESIDUAL_SHAPE[2], dtype=torch.int64)
+        grad_losses = torch.ones(RESIDUAL_SHAPE[2], dtype=dtype)
+        yield lambda: residual_vq.residual_quantize_backward(x, grad_losses, x, codebooks, indices, 0.25)
+        yield lambda: residual_vq.residual_segment_sums(x, codebooks, indices)
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +110,7 @@ def _jit_function(fn):
 def _record_gpu_launches(monkeypatch):
     from triton.runtime.interpreter import InterpretedFunction
 
-    import fastvae.kernels.vq as vq_kernels
+    import fastvae.kernels._launch as vq_launch
 
     launches = set()
 
@@ -114,8 +123,8 @@ def _record_gpu_launches(monkeypatch):
                                 sort_keys=True))
 
     monkeypatch.setattr(InterpretedFunction, "run", record)
-    monkeypatch.setattr(vq_kernels, "_gpu_launch", lambda x: True)
-    monkeypatch.setattr(vq_kernels, "_multiprocessors", lambda device: H100_MULTIPROCESSORS)
+    monkeypatch.setattr(vq_launch, "gpu_launch", lambda x: True)
+    monkeypatch.setattr(vq_launch, "multiprocessors", lambda device: H100_MULTIPROCESSORS)
     implemented = set(_backend.implementations("triton"))
     with fastvae.use_backend("triton"):
         for deterministic in (False, True):
@@ -136,7 +145,8 @@ def test_every_gpu_launch_compiles_for_sm90_within_an_h100_block(tmp_path, monke
     assert {"_codebook_kernel", "_search_kernel", "_resolve_kernel", "_gather_kernel", "_grad_x_kernel",
             "_grad_codebook_atomic_kernel",
             "_grad_codebook_sorted_kernel", "_forward_kernel", "_backward_kernel", "_gumbel_kernel",
-            "_kl_kernel", "_logits_grad_kernel", "_codebook_grad_kernel"} <= names
+            "_kl_kernel", "_logits_grad_kernel", "_codebook_grad_kernel", "_residual_backward_kernel",
+            "_stage_sums_kernel"} <= names
     search_constants = {(l["kwargs"]["D"]["value"], l["kwargs"]["BLOCK_D"]["value"], l["kwargs"]["PRECISION"]["value"])
                         for l in launches if l["name"] == "_search_kernel"}
     assert {(8, 16), (64, 64), (256, 64)} <= {c[:2] for c in search_constants}  # D > BLOCK_D compiled too

@@ -371,10 +371,11 @@ def vq_gpu_exact_work(monkeypatch):
     from test_gpu_readiness import _interpret_bfloat16_dots
     from triton.runtime.interpreter import InterpretedFunction
 
+    import fastvae.kernels._launch as vq_launch
     import fastvae.kernels.vq as vq_kernels
 
-    monkeypatch.setattr(vq_kernels, "_gpu_launch", lambda x: True)
-    monkeypatch.setattr(vq_kernels, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(vq_launch, "gpu_launch", lambda x: True)
+    monkeypatch.setattr(vq_launch, "multiprocessors", lambda device: 132)
     _interpret_bfloat16_dots(monkeypatch)
     work = {"grids": {}, "calls": {}}
     run, call = InterpretedFunction.run, InterpretedFunction.__call__

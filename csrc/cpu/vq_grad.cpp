@@ -88,20 +88,79 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_rotation_backward(const at::T
   return {grad_x.to(x.scalar_type()), grad_codebook.to(codebook.scalar_type())};
 }
 
-// Backward of residual_quantize. Stage r's residual is res_r = x - sum_{j<r} e_j (earlier
-// codes constant), its loss mse(e_r, sg(res_r)) + beta mse(res_r, sg(e_r)); quantized passes
-// g straight to x. So grad_x = g + sum_r beta s_r (res_r - e_r) and grad codebook r gets
-// -s_r sum over its rows of (res_r - e_r), s_r = 2 grad_losses[r] / (N D). Residuals are
-// rebuilt from x and the indices (never stored: memory stays O(N R + R K D)).
-std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& grad_quantized,
-                                                              const at::Tensor& grad_losses, const at::Tensor& x,
-                                                              const at::Tensor& codebooks, const at::Tensor& indices,
-                                                              double beta) {
+namespace {
+
+// Each stage's segment sums of its residuals, never storing an (N, D) residual. The rows
+// are cut into a fixed number of parts (set by N, never by the thread count); a part walks
+// its rows in order, each row's residual in L1 through the stages, adding it to the part's
+// own (R, K, D) sums; the parts are then added in part order: the same bits for any thread
+// count, in two parallel regions (each a stall on a loaded machine, so few of them).
+// after_code: stage r sums res_{r+1} = res_r - e_r (the backward's res_r - e_r), else res_r
+// (the stage's input, the EMA's statistics). counts, if given, gets each code's row count
+// per stage.
+void residual_stage_sums(const float* xp, const float* ep, const int64_t* idx, int64_t n, int64_t stages, int64_t k,
+                         int64_t d, bool after_code, float* sums, int64_t* counts, const char* op) {
+  for (int64_t i = 0; i < n * stages; ++i) {  // checked before the threads start
+    const int64_t c = idx[i];
+    TORCH_CHECK(c >= 0 && c < k, op, ": index ", c, " out of range [0, ", k, ")");
+  }
+  if (counts != nullptr) {
+    std::fill(counts, counts + stages * k, int64_t{0});
+    for (int64_t i = 0; i < n * stages; ++i) ++counts[(i % stages) * k + idx[i]];
+  }
+  const int64_t size = stages * k * d, parts = std::clamp<int64_t>(n / 4096, 1, 4);
+  const int64_t rows_per_part = (n + parts - 1) / parts;
+  std::vector<float> partial((parts - 1) * size);  // part 0 adds into sums itself
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+    std::vector<float> res(d);
+    for (int64_t part = part_begin; part < part_end; ++part) {
+      float* acc = part == 0 ? sums : partial.data() + (part - 1) * size;
+      std::fill(acc, acc + size, 0.f);
+      for (int64_t i = part * rows_per_part; i < std::min(n, (part + 1) * rows_per_part); ++i) {
+        std::copy(xp + i * d, xp + (i + 1) * d, res.begin());
+        for (int64_t r = 0; r < stages; ++r) {
+          const int64_t row = (r * k + idx[i * stages + r]) * d;
+          const float* e = ep + row;
+          float* a = acc + row;
+          if (after_code)
+            for (int64_t j = 0; j < d; ++j) res[j] -= e[j], a[j] += res[j];
+          else
+            for (int64_t j = 0; j < d; ++j) a[j] += res[j], res[j] -= e[j];
+        }
+      }
+    }
+  });
+  if (parts > 1)
+    at::parallel_for(0, size, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t part = 1; part < parts; ++part) {
+        const float* add = partial.data() + (part - 1) * size;
+        for (int64_t i = begin; i < end; ++i) sums[i] += add[i];
+      }
+    });
+}
+
+void check_residual_inputs(const at::Tensor& x, const at::Tensor& codebooks, const at::Tensor& indices,
+                           const char* op) {
   check_cpu(x, "x");
   check_cpu(codebooks, "codebooks");
   TORCH_CHECK(x.dim() == 2 && codebooks.dim() == 3 && x.size(1) == codebooks.size(2) && indices.dim() == 2 &&
                   indices.size(0) == x.size(0) && indices.size(1) == codebooks.size(0),
-              "residual_quantize_backward: x must be (N, D), codebooks (R, K, D), indices (N, R)");
+              op, ": x must be (N, D), codebooks (R, K, D), indices (N, R)");
+}
+
+}  // namespace
+
+// Backward of residual_quantize. Stage r's residual is res_r = x - sum_{j<r} e_j (earlier
+// codes constant), its loss mse(e_r, sg(res_r)) + beta mse(res_r, sg(e_r)); quantized passes
+// g straight to x. So grad_x = g + sum_r beta s_r (res_r - e_r) and grad codebook r gets
+// -s_r sum over its rows of (res_r - e_r), s_r = 2 grad_losses[r] / (N D). Residuals are
+// rebuilt from x and the indices (never stored whole: memory stays O(N R + R K D)).
+// Without codebook_grad, grad_codebooks is not computed (its values are unspecified).
+std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& grad_quantized,
+                                                              const at::Tensor& grad_losses, const at::Tensor& x,
+                                                              const at::Tensor& codebooks, const at::Tensor& indices,
+                                                              double beta, bool codebook_grad) {
+  check_residual_inputs(x, codebooks, indices, "residual_quantize_backward");
   const int64_t n = x.size(0), d = x.size(1), stages = codebooks.size(0), k = codebooks.size(1);
   const at::Tensor xf = x.to(at::kFloat).contiguous(), gq = grad_quantized.to(at::kFloat).contiguous();
   const at::Tensor cbf = codebooks.to(at::kFloat).contiguous(), idx_t = indices.contiguous();
@@ -111,7 +170,6 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
     scale[r] = static_cast<float>(2.0 * gl.data_ptr<double>()[r] / static_cast<double>(std::max<int64_t>(n * d, 1)));
   const float *xp = xf.data_ptr<float>(), *gp = gq.data_ptr<float>(), *ep = cbf.data_ptr<float>();
   const int64_t* idx = idx_t.data_ptr<int64_t>();
-  auto code = [&](int64_t i, int64_t r) { return ep + (r * k + idx[i * stages + r]) * d; };
   at::Tensor grad_x = empty_output({n, d}, xf.options());
   float* gx = grad_x.data_ptr<float>();
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
@@ -123,31 +181,37 @@ std::tuple<at::Tensor, at::Tensor> residual_quantize_backward(const at::Tensor& 
       for (int64_t r = 0; r < stages; ++r) {
         const int64_t c = idx[i * stages + r];
         TORCH_CHECK(c >= 0 && c < k, "residual_quantize_backward: index out of range");
-        const float* e = code(i, r);
+        const float* e = ep + (r * k + c) * d;
         const float commit = static_cast<float>(beta) * scale[r];
         for (int64_t j = 0; j < d; ++j) res[j] -= e[j], out[j] += commit * res[j];
       }
     }
   });
+  // Without codebook_grad: not computed, no (R, K, D) pass (contiguous, as the op's fake says).
   at::Tensor grad_codebooks = at::empty({stages, k, d}, xf.options());
-  for (int64_t r = 0; r < stages; ++r) {
-    const Segments segments(idx + r, n, k, "residual_quantize_backward", stages);
-    float* gc = grad_codebooks.data_ptr<float>() + r * k * d;
-    segment_sums(
-        segments, k, d,
-        [&](int64_t i, float* acc) {  // acc += res_{r+1} = x_i - sum_{j <= r} e_j
-          const float* xi = xp + i * d;
-          for (int64_t j = 0; j < d; ++j) acc[j] += xi[j];
-          for (int64_t s = 0; s <= r; ++s) {
-            const float* e = code(i, s);
-            for (int64_t j = 0; j < d; ++j) acc[j] -= e[j];
-          }
-        },
-        [&](int64_t c, const float* acc) {
-          for (int64_t j = 0; j < d; ++j) gc[c * d + j] = -scale[r] * acc[j];
-        });
+  if (codebook_grad) {  // residual_stage_sums zeroes it first
+    float* gc = grad_codebooks.data_ptr<float>();
+    residual_stage_sums(xp, ep, idx, n, stages, k, d, /*after_code=*/true, gc, nullptr, "residual_quantize_backward");
+    for (int64_t r = 0; r < stages; ++r)
+      for (int64_t i = 0; i < k * d; ++i) gc[r * k * d + i] *= -scale[r];
   }
   return {grad_x.to(x.scalar_type()), grad_codebooks.to(codebooks.scalar_type())};
+}
+
+// Per stage and code, the sum (float32, in row order) and count of the rows' stage inputs
+// res_r = x - sum_{j<r} e_j: residual VQ's EMA statistics in one pass.
+std::tuple<at::Tensor, at::Tensor> residual_segment_sums(const at::Tensor& x, const at::Tensor& codebooks,
+                                                         const at::Tensor& indices) {
+  check_residual_inputs(x, codebooks, indices, "residual_segment_sums");
+  const int64_t n = x.size(0), d = x.size(1), stages = codebooks.size(0), k = codebooks.size(1);
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), cbf = codebooks.to(at::kFloat).contiguous();
+  const at::Tensor idx_t = indices.contiguous();
+  at::Tensor sums = at::empty({stages, k, d}, xf.options());
+  at::Tensor counts = at::empty({stages, k}, idx_t.options());
+  residual_stage_sums(xf.data_ptr<float>(), cbf.data_ptr<float>(), idx_t.data_ptr<int64_t>(), n, stages, k, d,
+                      /*after_code=*/false, sums.data_ptr<float>(), counts.data_ptr<int64_t>(),
+                      "residual_segment_sums");
+  return {sums, counts};
 }
 
 }  // namespace fastvae

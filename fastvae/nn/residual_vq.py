@@ -4,8 +4,9 @@ from torch import nn
 
 from .. import ops
 from ..ops._common import check_size
+from ..ops.residual_vq import residual_segment_sums
 from ._sync import CodebookSync
-from .vq import VectorQuantizer
+from .vq import VectorQuantizer, code_counts
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -83,10 +84,10 @@ class ResidualVectorQuantizer(nn.Module):
             x = x.movedim(self.channel_dim, -1)
         if self.training and any(stage._kmeans_pending for stage in self.stages):
             self._kmeans_initialize(x.detach().reshape(-1, self.dim), n)
-        codebooks = self.codebooks(n)
+        codebooks = self.codebooks(n)  # stacked: a copy, which the EMA updates and restarts leave alone
         first = self.stages[0]
-        if self.training and (first.ema_decay is not None or first.dead_code_threshold > 0):
-            codebooks = codebooks.clone()  # EMA updates and restarts rewrite the codebooks after the call
+        if self.shared_codebook and self.training and (first.ema_decay is not None or first.dead_code_threshold > 0):
+            codebooks = codebooks.clone()  # a view of the shared codebook, rewritten after the call
         quantized, indices, losses = ops.residual_quantize(x, codebooks, beta=self.beta)
         if self.stages[0].ema_decay is not None:
             losses = losses - losses.detach() / (1.0 + self.beta)  # commitment terms only (see VectorQuantizer)
@@ -107,23 +108,28 @@ class ResidualVectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update_statistics(self, flat_x, codebooks, indices):
-        residuals = list(self._stage_residuals(flat_x, codebooks, indices)) if self.training else None
-        if self.shared_codebook:
-            stages = [self.stages[0]]
-            inputs = [torch.cat(residuals) if residuals is not None else None]
-            stage_indices = [indices.t().reshape(-1)]
+        n, first = codebooks.shape[0], self.stages[0]
+        if self.training and first.ema_decay is not None:
+            # every stage's sums of its residuals and counts in one pass, the residuals never stored
+            sums, counts = residual_segment_sums(flat_x, codebooks, indices)
+            statistics = [[count.to(first.ema_count.dtype), total.to(first.ema_sum.dtype)]
+                          for count, total in zip(counts, sums)]
+        else:  # every stage's counts in one scatter
+            keys = indices + torch.arange(n, device=indices.device) * self.num_codes
+            counts = code_counts(keys.reshape(-1), n * self.num_codes).view(n, self.num_codes).float()
+            statistics = [[count] for count in counts]
+        if self.shared_codebook:  # one stage fed every stage's residuals
+            stages, statistics = [first], [[sum(parts) for parts in zip(*statistics)]]
         else:
-            n = codebooks.shape[0]
             stages = list(self.stages[:n])
-            inputs = residuals if residuals is not None else [None] * n
-            stage_indices = list(indices.t())
-        statistics = [stage._local_statistics(x, index) for stage, x, index in zip(stages, inputs, stage_indices)]
         if self.training:  # every stage's statistics in one all-reduce
             summed = iter(self._sync.all_reduce([part for parts in statistics for part in parts]))
             statistics = [[next(summed) for _ in parts] for parts in statistics]
         for stage, parts in zip(stages, statistics):
             stage._apply_statistics(parts)
-        if self.training and self.stages[0].dead_code_threshold > 0:
+        if self.training and first.dead_code_threshold > 0:
+            residuals = list(self._stage_residuals(flat_x, codebooks, indices))
+            inputs = [torch.cat(residuals)] if self.shared_codebook else residuals
             for stage, x in zip(stages, inputs):
                 stage._restart_dead_codes(x)
 

@@ -10,10 +10,15 @@ _residual_quantize = define(
                                 x.new_empty((codebooks.shape[0],))))
 _residual_quantize_backward = define(
     "residual_quantize_backward(Tensor grad_quantized, Tensor grad_losses, Tensor x, Tensor codebooks, "
-    "Tensor indices, float beta) -> (Tensor, Tensor)",
-    lambda grad_quantized, grad_losses, x, codebooks, indices, beta: (x.new_empty(x.shape),
-                                                                       codebooks.new_empty(codebooks.shape)),
+    "Tensor indices, float beta, bool codebook_grad) -> (Tensor, Tensor)",
+    lambda grad_quantized, grad_losses, x, codebooks, indices, beta, codebook_grad: (
+        x.new_empty(x.shape), codebooks.new_empty(codebooks.shape)),
     reference.residual_quantize_backward)
+_residual_segment_sums = define(
+    "residual_segment_sums(Tensor x, Tensor codebooks, Tensor indices) -> (Tensor, Tensor)",
+    lambda x, codebooks, indices: (
+        x.new_empty(codebooks.shape, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32),
+        indices.new_empty(codebooks.shape[:2])))
 
 
 # As vector_quantize's: the backward is linear in x and the codebooks given the saved indices.
@@ -31,9 +36,10 @@ class _ResidualQuantize(OpFunction):
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices, grad_losses):
         x, codebooks, indices = ctx.saved_tensors
+        codebook_grad = ctx.needs_input_grad[1]  # an EMA layer's codebooks take none: skip that pass
         grad_x, grad_codebooks = _residual_quantize_backward(grad_quantized.contiguous(), grad_losses, x, codebooks,
-                                                             indices, ctx.beta)
-        return grad_x, grad_codebooks, None
+                                                             indices, ctx.beta, codebook_grad)
+        return grad_x, grad_codebooks if codebook_grad else None, None
 
 
 def residual_quantize(x, codebooks, *, beta=0.25):
@@ -65,3 +71,14 @@ def residual_quantize(x, codebooks, *, beta=0.25):
     else:
         quantized, indices, losses = _residual_quantize(flat, codebooks, beta)
     return quantized.reshape(x.shape), indices.reshape(x.shape[:-1] + (codebooks.shape[0],)), losses
+
+
+def residual_segment_sums(x, codebooks, indices):
+    """``(sums, counts)``: for each stage ``r`` and code ``c``, the sum of the stage inputs
+    ``res_r = x - sum_{j<r} codebooks[j][indices[:, j]]`` over the rows of ``x`` ``(N, D)``
+    with ``indices[:, r] == c`` (``sums`` ``(R, K, D)``, float32, float64 for float64 ``x``)
+    and their number (``counts`` ``(R, K)``, int64): a residual quantizer's EMA statistics in
+    one pass, the residuals never stored. Summed in an order fixed by the inputs, whatever the
+    thread count (native: row order within row parts set by N, then the parts in order;
+    Triton: row order)."""
+    return _residual_segment_sums(x, codebooks.to(x.dtype), indices)
