@@ -114,7 +114,9 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 # The backend choices under which a CPU call runs the native kernel when the extension is
 # there (for a dtype it takes, which the entry points check).
 _NATIVE_ON_CPU = frozenset({"native"} | ({"auto"} if _backend._PREFERENCE["cpu"][0] == "native" else set()))
-_eager_entries = None  # op name -> its C++ entry point (fastvae._native.eager_<op>); filled on first use
+# op name -> its C++ entry point (fastvae._native.eager_<op>), taken from the native backend
+# object _eager_entries_source; filled on first use and again if that object is replaced.
+_eager_entries, _eager_entries_source = {}, None
 
 
 def native_eager(op, first):
@@ -129,15 +131,16 @@ def native_eager(op, first):
     Python path: same results, same random stream, same errors. (Not ``_backend.lookup``:
     its key costs a microsecond a call.)
     """
-    global _eager_entries
+    global _eager_entries, _eager_entries_source
     # is_compiling first: Dynamo tracing this function stops there (it cannot trace a ContextVar).
     if (is_compiling() or type(first) not in _PLAIN_TENSORS or _backend.get_backend() not in _NATIVE_ON_CPU
             or forward_ad._current_level >= 0):
         return None
-    if _eager_entries is None:
-        native = _backend._BACKENDS["native"].module()
-        _eager_entries = {} if native is None else {
-            name[len("eager_"):]: getattr(native, name) for name in dir(native) if name.startswith("eager_")}
+    backend = _backend._BACKENDS["native"]
+    if _eager_entries_source is not backend:
+        native = backend.module()
+        _eager_entries, _eager_entries_source = {} if native is None else {
+            name[len("eager_"):]: getattr(native, name) for name in dir(native) if name.startswith("eager_")}, backend
     return _eager_entries.get(op)
 
 
