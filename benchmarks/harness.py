@@ -212,6 +212,8 @@ def parser(description):
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall: elapsed time; cpu: the process's CPU time, steadier on a shared CPU "
                         "(with OMP_NUM_THREADS=1)")
+    p.add_argument("--only", default=None, metavar="TEXT",
+                   help="run only the cases whose op name contains TEXT, e.g. --only GumbelQuantizer")
     p.add_argument("--out", default=None, help="JSON file for the results (default: benchmarks/results/...)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated input dtypes, e.g. float32,bfloat16 (default: those two on CUDA, float32 on CPU)")
@@ -358,14 +360,19 @@ def add_peer(candidates, name, peer):
         print(note)
 
 
+def selected(case, args):
+    """Whether ``--only`` (a substring of the case's op name) keeps ``case``."""
+    return args.only is None or args.only in case.op
+
+
 def _count_cases(cases, args):
     """How many cases ``cases(args)`` yields: a dry pass that builds each case's inputs
     (one case at a time) and times nothing; its notes are not printed twice."""
     count = 0
     with contextlib.redirect_stdout(io.StringIO()):
         try:
-            for _ in cases(args):
-                count += 1
+            for case in cases(args):
+                count += selected(case, args)
         except Exception:  # the timed pass reports it
             pass
     return count
@@ -417,7 +424,7 @@ def run_benches(benches, args):
             print(f"\n=== {name} ({suite(args)} suite)")
             records = []
             try:
-                for case in cases(args):
+                for case in filter(lambda case: selected(case, args), cases(args)):
                     progress.start(name, case)
                     records += run_case(case, args)
                     paths[name] = save(name, records, args, out or paths.get(name))

@@ -48,6 +48,19 @@ def test_run_benches_times_every_case_and_writes_json(tmp_path):
         ([4], "fastvae[x]"), ([4], "torch eager"), ([8], "fastvae[x]"), ([8], "torch eager")]
 
 
+def test_only_and_targets(tmp_path, capsys):
+    def cases(args):
+        for op in ("toy soft", "toy hard"):
+            yield harness.Case(op, (4,), {"fastvae[x]": lambda: None, "torch eager": lambda: sum(range(500))},
+                               targets=[("torch eager", 1e9, "an unreachable speed-up"), ("torch eager", 1.0, "any")])
+
+    args = harness.parser("").parse_args(["--samples", "3", "--only", "hard", "--out", str(tmp_path / "toy.json")])
+    paths, failed = harness.run_benches([("toy", cases)], args)
+    records = json.loads(open(paths["toy"]).read())["records"]
+    assert not failed and {r["op"] for r in records} == {"toy hard"}
+    assert "target: an unreachable speed-up: not met" in capsys.readouterr().out
+
+
 def test_figures_from_a_results_file(tmp_path):
     pytest.importorskip("matplotlib")
     import plots
