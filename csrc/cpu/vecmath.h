@@ -38,6 +38,39 @@ struct Lanes<float> {
   static FASTVAE_VECMATH float select(bool mask, float a, float b) { return mask ? a : b; }
 };
 
+// Estrin's scheme for c[kBegin] + ... + c[kBegin + kCount - 1] x^(kCount - 1): the low
+// half of the terms plus x^(a power of two) times the high half.
+template <int kBegin, int kCount, int N, typename F>
+FASTVAE_VECMATH F estrin(F x, const float (&c)[N]) {
+  if constexpr (kCount == 1) {
+    return Lanes<F>::splat(c[kBegin]);
+  } else if constexpr (kCount == 2) {
+    return x * c[kBegin + 1] + c[kBegin];
+  } else {
+    static_assert(kCount <= 16);
+    constexpr int kLow = kCount > 4 ? (kCount > 8 ? 8 : 4) : 2;  // the largest power of two below kCount
+    const F x2 = x * x, x4 = x2 * x2;
+    const F x_to_low = kLow == 2 ? x2 : kLow == 4 ? x4 : x4 * x4;
+    return estrin<kBegin, kLow>(x, c) + x_to_low * estrin<kBegin + kLow, kCount - kLow>(x, c);
+  }
+}
+
+// c[0] + c[1] x + ... + c[N - 1] x^(N - 1). With FMA, by Horner's rule: one FMA per
+// coefficient. Without (the x86-64 baseline), by Estrin's scheme: the same terms summed
+// in a tree of depth log2(N), whose independent products the core overlaps, where
+// Horner's chain of dependent multiplies and adds left it waiting on their latency.
+template <int N, typename F>
+FASTVAE_VECMATH F polynomial(F x, const float (&c)[N]) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  F p = Lanes<F>::splat(c[N - 1]);
+#pragma GCC unroll 16
+  for (int i = N - 2; i >= 0; --i) p = p * x + c[i];
+  return p;
+#else
+  return estrin<0, N>(x, c);
+#endif
+}
+
 // exp(r) for x = k ln2 + r, |r| <= ln2 / 2, by its Taylor polynomial to r^7 (truncation
 // below 1e-8 relative; all FMAs, the cheapest form measured here); x must be finite
 // or NaN (NaN propagates) and k fit an exponent field. Returns exp(r), sets k.
@@ -49,15 +82,9 @@ FASTVAE_VECMATH F exp_of_remainder(F x, typename Lanes<F>::Int* k) {
   const F n = shifted - shifter;
   F r = n * -0.693359375f + x;  // ln2 in two parts: n * ln2 stays exact
   r = n * 2.12194440e-4f + r;
-  F p = L::splat(1.9841269841269841e-4f);
-  p = p * r + 1.3888888888888889e-3f;
-  p = p * r + 8.3333333333333333e-3f;
-  p = p * r + 4.1666666666666664e-2f;
-  p = p * r + 0.16666666666666666f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
   *k = (typename L::Int)(L::bits(shifted) - L::bits(shifter));
-  return p * r + 1.0f;
+  return polynomial(r, {1.0f, 1.0f, 0.5f, 0.16666666666666666f, 4.1666666666666664e-2f, 8.3333333333333333e-3f,
+                        1.3888888888888889e-3f, 1.9841269841269841e-4f});
 }
 
 // 2^k for k in [-126, 127], built in the exponent field.
@@ -109,15 +136,9 @@ FASTVAE_VECMATH F log(F x) {
   const F exponent = L::to_float((typename L::Int)shifted >> 23);
   const F f = L::from_bits((shifted & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
   const F f2 = f * f;
-  F p = L::splat(7.0376836292e-2f);
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
+  const F p = polynomial(f, {3.3333331174e-1f, -2.4999993993e-1f, 2.0000714765e-1f, -1.6668057665e-1f,
+                             1.4249322787e-1f, -1.2420140846e-1f, 1.1676998740e-1f, -1.1514610310e-1f,
+                             7.0376836292e-2f});
   const F r = f * f2 * p + exponent * -2.12194440e-4f - 0.5f * f2;
   return (f + r) + exponent * 0.693359375f;
 }
@@ -129,23 +150,19 @@ FASTVAE_VECMATH void cos_sin_turns(float t, float* cos_out, float* sin_out) {
   const int32_t quadrant = static_cast<int32_t>(t * 4.0f + 0.5f);
   const float f = t - 0.25f * static_cast<float>(quadrant);
   const float f2 = f * f;
-  float s = 42.058693944897634f;
-  s = s * f2 - 76.70585975306136f;
-  s = s * f2 + 81.60524927607504f;
-  s = s * f2 - 41.341702240399755f;
-  s = s * f2 + 6.283185307179586f;
-  s = s * f;
-  float c = -26.426256783374388f;
-  c = c * f2 + 60.24464137187664f;
-  c = c * f2 - 85.45681720669371f;
-  c = c * f2 + 64.93939402266828f;
-  c = c * f2 - 19.739208802178716f;
-  c = c * f2 + 1.0f;
-  const bool odd = quadrant & 1;
-  const float cos_abs = odd ? s : c, sin_abs = odd ? c : s;
+  const float s = f * polynomial(f2, {6.283185307179586f, -41.341702240399755f, 81.60524927607504f,
+                                       -76.70585975306136f, 42.058693944897634f});
+  const float c = polynomial(f2, {1.0f, -19.739208802178716f, 64.93939402266828f, -85.45681720669371f,
+                                  60.24464137187664f, -26.426256783374388f});
   // cos(q pi/2 + x): q=0 cos x, 1 -sin x, 2 -cos x, 3 sin x; sin: sin x, cos x, -sin x, -cos x.
-  *cos_out = ((quadrant + 1) & 2) ? -cos_abs : cos_abs;
-  *sin_out = (quadrant & 2) ? -sin_abs : sin_abs;
+  // The swap and the signs in bit operations: SSE2, which has no blend, spends three
+  // instructions on a select.
+  using L = Lanes<float>;
+  const uint32_t swap = (L::bits(s) ^ L::bits(c)) & (0u - static_cast<uint32_t>(quadrant & 1));
+  const uint32_t cos_sign = static_cast<uint32_t>((quadrant + 1) & 2) << 30;
+  const uint32_t sin_sign = static_cast<uint32_t>(quadrant & 2) << 30;
+  *cos_out = L::from_bits(L::bits(c) ^ swap ^ cos_sign);
+  *sin_out = L::from_bits(L::bits(s) ^ swap ^ sin_sign);
 }
 
 }  // namespace vecmath
