@@ -22,6 +22,14 @@
 #include "../matrix_rows.h"
 #include "../cuda/gaussian.h"
 #include "../ops.h"
+// GCC's generic tuning keeps auto-vectorised loops at 256 bits even where AVX-512 is
+// enabled; CPUs with AVX-512 (Zen 4/5, recent Intel) run 512-bit vectors, so at the
+// AVX-512 level the Gaussian loops (Box-Muller, the exp arithmetic, the block sums) take
+// twice the lanes: the same arithmetic per element, so the same bits. Set before
+// gaussian_block.h so that its inline functions compile under it too.
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("prefer-vector-width=512")
+#endif
 #include "gaussian_block.h"
 
 namespace fastvae {
