@@ -49,10 +49,10 @@ def test_matches_the_reference_with_gradients(backend, shape, hard):
 
 
 def test_several_row_blocks_of_the_native_kernel():
-    """The native kernel works in blocks of 8 MiB of float32 sample (256 rows at K = 8190):
+    """The native kernel works in blocks of 64 MiB of float32 sample (256 rows at K = 65530):
     rows in later blocks keep their own noise, statistics and gradients."""
     requires("native", *OPS)
-    logits, codebook = randn(300, 8190, scale=2.0, requires_grad=True), randn(8190, 3, requires_grad=True)
+    logits, codebook = randn(300, 65530, scale=2.0, requires_grad=True), randn(65530, 3, requires_grad=True)
     grad = randn(300, 3)
     with fastvae.use_backend("native"):
         for hard in (False, True):

@@ -1,15 +1,16 @@
 // Gumbel column, C++ CPU kernels: gumbel_quantize (the Gumbel-Softmax sample over K codes
 // mixed with the (K, D) codebook) and its backward, without ever writing the (N, K) sample.
 //
-// Rows go in blocks of a few hundred (kBlockBytes of float32 scratch per row block):
+// Rows go in blocks of a few thousand (kBlockBytes of float32 scratch per row block):
 // * forward: each row of the block (in parallel) gets z = logits + noise (the Gumbel
 //   stream of gumbel.cpp, 4 kLanes columns per Philox step), its max m, argmax and
 //   log_sum = log sum exp((z - m) / tau), and its sample y in the block's scratch; then one
 //   GEMM quantized[block] = y_block @ codebook (MKL, both cores). Hard: no scratch, no GEMM:
 //   the code at the argmax is copied. Saved per row: (m, log_sum).
-// * backward: d_y = grad_quantized[block] @ codebook^T (a GEMM, written into the
-//   grad_logits rows themselves for float32 logits); each row rebuilds y from the noise and
-//   (m, log_sum), takes s = sum(y d_y), and turns d_y in place into y (d_y - s) / tau; its
+// * backward: d_y = grad_quantized @ codebook^T (one full-size GEMM written into
+//   grad_logits itself for float32 logits, else a GEMM per block into scratch); each row
+//   rebuilds y from the noise and (m, log_sum), takes s = sum(y d_y), and turns d_y in
+//   place into y (d_y - s) / tau; its
 //   share of tau's gradient, -sum(grad * log y), comes from the same pass. Soft:
 //   grad_codebook += y_block^T @ grad_quantized[block] (a GEMM on the block's scratch);
 //   hard: the gradient rows are summed into their codes (index_add).
@@ -36,9 +37,10 @@ using simd::VecF;
 using simd::VecI;
 
 constexpr int kChunk = 4 * kLanes;  // columns per Philox step of the row noise
-// float32 scratch a row block may take: its GEMMs run on a few hundred rows at K = 8192
-// (measured: larger blocks do not speed the GEMMs up; smaller ones slow the codebook's).
-constexpr int64_t kBlockBytes = 8 << 20;
+// float32 scratch a row block may take (2048 rows at K = 8192, a quarter of DALL-E scale's
+// (N, K) sample): MKL's threads split a GEMM of a few hundred rows badly (measured, two
+// threads: 256-row blocks took 2x the time of one full-size GEMM, 2048-row blocks 1.3x).
+constexpr int64_t kBlockBytes = 64 << 20;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
@@ -233,14 +235,18 @@ std::vector<at::Tensor> gumbel_quantize_backward(const at::Tensor& grad_quantize
   const at::Tensor sample_block = hard ? at::Tensor() : empty_output({block * p.padded}, cb.options());
   const at::Tensor dy_block_scratch = float_logits ? at::Tensor() : empty_output({block * K}, cb.options());
   float* samples = hard ? nullptr : sample_block.data_ptr<float>();
+  // float32 logits: d_y of every row by one full-size GEMM into the gradient itself
+  if (float_logits) at::mm_out(grad_logits, grad, cb.t());
   FASTVAE_DISPATCH_FLOATS(logits.scalar_type(), "gumbel_quantize_backward", [&] {
     const scalar_t* x = logits.data_ptr<scalar_t>();
     scalar_t* out = grad_logits.data_ptr<scalar_t>();
     for (int64_t first = 0; first < N; first += block) {
       const int64_t rows = std::min(block, N - first);
       float* dy = float_logits ? reinterpret_cast<float*>(out) + first * K : dy_block_scratch.data_ptr<float>();
-      auto dy_block = matrix(dy, rows, K, K);
-      at::mm_out(dy_block, grad.narrow(0, first, rows), cb.t());
+      if (!float_logits) {
+        auto dy_block = matrix(dy, rows, K, K);
+        at::mm_out(dy_block, grad.narrow(0, first, rows), cb.t());
+      }
       at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / K), [&](int64_t begin, int64_t end) {
         std::vector<float> own(hard ? p.padded : 0);
         for (int64_t r = begin; r < end; ++r) {

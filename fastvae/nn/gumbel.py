@@ -67,8 +67,11 @@ class GumbelQuantizer(nn.Module):
         if x.shape[self.channel_dim] != self.in_channels:
             raise ValueError(f"x has {x.shape[self.channel_dim]} features along channel_dim={self.channel_dim}, "
                              f"but the quantizer takes in_channels={self.in_channels}")
-        # Channel-last throughout: the projection, the sample and the mixing need no transposed copy.
-        logits = self.proj(x.movedim(self.channel_dim, -1))
+        # One row of features per position: the projection is then one addmm with its bias
+        # fused (a >2-d input costs Linear a separate (N, K) bias pass), and the sample and
+        # the mixing need no transposed copy.
+        positions = x.movedim(self.channel_dim, -1)
+        logits = self.proj(positions.reshape(-1, self.in_channels))
         if self.training:
             quantized, indices = ops.gumbel_quantize(logits, self.embed.weight, self.tau, hard=self.straight_through,
                                                      dim=-1)
@@ -76,7 +79,8 @@ class GumbelQuantizer(nn.Module):
             indices = logits.argmax(dim=-1)
             quantized = self.embed(indices)
         loss = self.kl_weight * ops.categorical_kl(logits, dim=-1, reduction="mean")
-        quantized = quantized.movedim(-1, self.channel_dim)
+        indices = indices.reshape(positions.shape[:-1])
+        quantized = quantized.reshape(positions.shape[:-1] + (self.dim,)).movedim(-1, self.channel_dim)
         if self.taming_outputs:
             return quantized, loss, (None, None, indices)
         return quantized, indices, loss
