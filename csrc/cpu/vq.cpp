@@ -314,7 +314,9 @@ void search_block_gemm(const Codebook& cb, const float* xf, int64_t rows, std::v
     const int64_t chunk = std::min(kGemmCodes, cb.num_codes - code0);
     const int64_t padded = (chunk + kPanel - 1) / kPanel * kPanel;
     at::Tensor out = at::from_blob(products.data(), {rows, chunk}, {kGemmCodes, 1});
-    at::mm_out(out, x_rows, cb.rows.narrow(0, code0, chunk).t());
+    // Views of raw memory (never the caller's codebook, which may require grad: mm_out refuses it).
+    const at::Tensor codes = at::from_blob(const_cast<float*>(cb.code(code0)), {chunk, d});
+    at::mm_out(out, x_rows, codes.t());
     const float* sq_norm = cb.sq_norm.data() + code0;
     for (int64_t r = 0; r < rows; ++r) {
       const float* dot = products.data() + r * kGemmCodes;
