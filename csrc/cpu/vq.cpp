@@ -26,11 +26,19 @@
 // in which codes are absorbed never decides a tie. The returned sq_dist is always the
 // exact float32 (x - e)^2 of the winner, never the expansion.
 //
+// At the x86-64 baseline (SSE2, no FMA: the register tiles below run at a quarter of the
+// AVX-512 level's speed) a row block's products x.e come from ATen's GEMM instead, which
+// dispatches at run time to the CPU's best ISA whatever this module's flags; SSE2 code then
+// adds the norms and merges the values into the same row states. B above holds for any
+// summation order, so the results stay bit-identical to the other levels.
+//
 // Non-finite input. A row of x with a NaN or inf has a NaN or inf bound, so it is always
 // scanned exactly; a codebook with a NaN or inf (or a norm that overflows) skips the
 // expansion and scans every row exactly. The exact scan ranks a NaN distance first (the
 // first NaN code wins: torch.argmin's rule), so a NaN is never hidden, and ties, all-inf
 // rows included, go to the lowest index.
+#include <ATen/Context.h>
+#include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -280,6 +288,61 @@ constexpr std::array<SearchBlock, sizeof...(Dims) + 1> block_kernels(std::index_
   return {&search_block<0>, &search_block<static_cast<int>(Dims) + 1>...};
 }
 
+#if defined(__SSE2__) && !defined(__AVX2__)
+#define FASTVAE_VQ_ATEN_GEMM 1
+constexpr int64_t kGemmCodes = 512;  // codes per at::mm: a block's 252 x 512 products (504 KiB) stay in L2
+
+// at::mm rounds every product in float32 (the exactness bound's premise) unless the user
+// allowed oneDNN a lower precision for float32 matmuls; then the register tiles run.
+inline bool aten_gemm_is_float32() {
+  const auto precision = at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);
+  return precision != at::Float32Precision::BF16 && precision != at::Float32Precision::TF32;
+}
+
+// search_block with the products from at::mm (see the top of the file): per chunk of codes,
+// `products` holds the block's (rows, kGemmCodes) x.e; the values ||e||^2 - 2 x.e (-2 x.e
+// exact, the norm added last) are merged a panel at a time. Columns past a short last chunk
+// are zeroed, so its padding codes get the value +inf (their norm) and never win.
+void search_block_gemm(const Codebook& cb, const float* xf, int64_t rows, std::vector<float>& products,
+                       RowBest* state) {
+  const int64_t d = cb.dim;
+  for (int64_t r = 0; r < rows; ++r) state[r] = initial_state(cb, xf + r * d);
+  products.resize(kRowBlock * kGemmCodes);
+  const at::Tensor x_rows = at::from_blob(const_cast<float*>(xf), {rows, d});
+  const VecF minus_two = splat(-2.f);
+  for (int64_t code0 = 0; code0 < cb.num_codes; code0 += kGemmCodes) {
+    const int64_t chunk = std::min(kGemmCodes, cb.num_codes - code0);
+    const int64_t padded = (chunk + kPanel - 1) / kPanel * kPanel;
+    at::Tensor out = at::from_blob(products.data(), {rows, chunk}, {kGemmCodes, 1});
+    // Views of raw memory (never the caller's codebook, which may require grad: mm_out refuses it).
+    const at::Tensor codes = at::from_blob(const_cast<float*>(cb.code(code0)), {chunk, d});
+    at::mm_out(out, x_rows, codes.t());
+    const float* sq_norm = cb.sq_norm.data() + code0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* dot = products.data() + r * kGemmCodes;
+      if (padded > chunk) std::fill(products.data() + r * kGemmCodes + chunk, products.data() + r * kGemmCodes + padded, 0.f);
+      RowBest& s = state[r];
+      for (int64_t q = 0; q < padded; q += kPanel) {
+        const VecF v0 = load(sq_norm + q) + minus_two * load(dot + q);
+        const VecF v1 = load(sq_norm + q + kLanes) + minus_two * load(dot + q + kLanes);
+        if (__builtin_expect(any_lane(vmin(v0, v1) < splat(s.thr)), 0))
+          absorb_panel(s, v0, v1, static_cast<int32_t>(code0 + q));
+      }
+    }
+  }
+}
+#endif
+
+// The block search of this call: ATen's GEMM at the baseline when it rounds in float32,
+// else the register tiles (their j loop unrolled for D <= kUnrolledMaxDim).
+inline SearchBlock block_search(int64_t d) {
+  static constexpr auto kernels = block_kernels(std::make_index_sequence<kUnrolledMaxDim>());
+#if defined(FASTVAE_VQ_ATEN_GEMM)
+  if (aten_gemm_is_float32()) return &search_block_gemm;
+#endif
+  return kernels[d <= kUnrolledMaxDim ? d : 0];
+}
+
 // Finishes a row: the certain winner, or an exact float32 scan when the gap is within
 // the expansion's rounding bound (or there is no search state `s`).
 inline void finish_row(const Codebook& cb, const float* xrow, const RowBest* s, int64_t* index_out,
@@ -305,8 +368,7 @@ inline void finish_row(const Codebook& cb, const float* xrow, const RowBest* s, 
 void search(const at::Tensor& x, const at::Tensor& codebook, int64_t* indices, float* sq_dist) {
   const int64_t n = x.size(0), d = x.size(1);
   const Codebook cb(codebook);
-  static constexpr auto kernels = block_kernels(std::make_index_sequence<kUnrolledMaxDim>());
-  const SearchBlock search_block = kernels[d <= kUnrolledMaxDim ? d : 0];
+  const SearchBlock search_block = block_search(d);
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   FASTVAE_DISPATCH_FLOATS(x.scalar_type(), "nearest_code", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -446,8 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_quantize(const at::Tenso
     check_inputs(x, codebooks[r]);
     books.emplace_back(codebooks[r]);
   }
-  static constexpr auto kernels = block_kernels(std::make_index_sequence<kUnrolledMaxDim>());
-  const SearchBlock search_block = kernels[d <= kUnrolledMaxDim ? d : 0];
+  const SearchBlock search_block = block_search(d);
   const at::Tensor xc = x.contiguous();
   at::Tensor indices = at::empty({n, stages}, x.options().dtype(at::kLong));
   std::vector<float> sq_dist(n * stages);  // (N, R): summed in a fixed order for the losses
