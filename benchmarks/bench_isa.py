@@ -1,18 +1,18 @@
 """The native kernels at each instruction-set level this CPU runs (fastvae/_cpu_isa.py):
 every built level's module, fastvae._C_<level>, loaded side by side in one process and
 timed interleaved on one thread, each lower level as a multiple of the best level's time.
-The time is the thread's time on the CPU (``time.thread_time``), which a loaded machine
-does not inflate as it does wall time (``--wall`` for that).
+The time is the process's time on the CPU (the harness's ``--clock cpu``, this benchmark's
+default; one thread, so no other thread's time counts), which a loaded machine does not
+inflate as it does wall time (``--clock wall`` for that).
 Target (issue 15): the baseline level at most 3x the best level's time on every op.
 
-    python benchmarks/bench_isa.py [--quick] [--samples N] [--ops nearest_code,vector_quantize] [--wall]
+    python benchmarks/bench_isa.py [--quick] [--samples N] [--only nearest_code] [--clock wall]
 
 Needs the extension built with every level (the default; FASTVAE_CPU_ISA_BUILD=native
 builds one, and then there is nothing to compare). Not part of the main job (run_all.py),
 which builds only the CPU's own level.
 """
 import importlib
-import time
 
 import torch
 
@@ -62,28 +62,24 @@ def op_calls(quick, module):
 def level_cases(args, modules):
     best = list(modules)[-1]
     for op, (shape, call) in op_calls(harness.suite(args) == "quick", modules[best]).items():
-        if args.ops and op not in args.ops.split(","):
-            continue
         # The best level is the "fastvae" candidate, so each lower level's speed-up column
         # is its time over the best level's.
         candidates = {f"fastvae[{best}]": lambda call=call: call(modules[best])}
         for name in list(modules)[:-1]:
             candidates[name] = lambda call=call, name=name: call(modules[name])
-        yield Case(op, shape, candidates, mode="forward, 1 thread",
-                   clock=time.perf_counter if args.wall else time.thread_time)
+        yield Case(op, shape, candidates, mode="forward, 1 thread")
 
 
 def main():
     parser = harness.parser(__doc__)
-    parser.add_argument("--ops", default=None, help="comma-separated ops to run (default: all)")
-    parser.add_argument("--wall", action="store_true", help="time wall clock, not the thread's CPU time")
+    parser.set_defaults(clock="cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
     modules = built_levels()
     if len(modules) < 2:
         raise SystemExit(f"only {list(modules)} built: rebuild with every level (FASTVAE_CPU_ISA_BUILD unset)")
     records = []
-    for case in level_cases(args, modules):
+    for case in filter(lambda case: harness.selected(case, args), level_cases(args, modules)):
         records += harness.run_case(case, args)
         path = harness.save("isa", records, args, args.out)
     best, middle = list(modules)[-1], list(modules)[1:-1]

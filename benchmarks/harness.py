@@ -55,9 +55,8 @@ def _time_calls(fn, calls, device, clock=time.perf_counter):
 
 
 def time_interleaved(candidates, device, warmup_s=0.2, samples=15, min_sample_s=0.02, clock=time.perf_counter):
-    """Median seconds per call of each candidate, sampled round-robin, by ``clock`` (wall
-    time; ``time.thread_time`` counts only this thread's time on a CPU, for one-thread
-    comparisons on a shared machine)."""
+    """Median seconds per call of each candidate, sampled round-robin, by ``clock`` (see
+    ``CLOCKS``)."""
     calls = {}
     for name, fn in candidates.items():
         fn()
@@ -136,7 +135,7 @@ class Case:
     """One benchmark case: candidates doing the same work on the same inputs."""
 
     def __init__(self, op, shape, candidates, bytes_moved=0, flops=0, device="cpu", dtype=torch.float32,
-                 mode="forward", memory=False, max_samples=None, targets=(), clock=None, report=None):
+                 mode="forward", memory=False, max_samples=None, targets=(), report=None):
         self.op, self.shape, self.candidates = op, shape, candidates
         # (alternative, minimum fastvae speed-up over it, text): printed "met" or "not met" and recorded
         self.targets = targets
@@ -144,7 +143,6 @@ class Case:
         self.bytes_moved, self.flops, self.device, self.dtype = bytes_moved, flops, device, dtype
         self.mode, self.memory = mode, memory
         self.max_samples = max_samples  # for cases whose slowest candidate takes seconds a call
-        self.clock = clock  # see time_interleaved; None: the run's --clock
 
 
 def _floor_seconds(case):
@@ -159,7 +157,7 @@ def _floor_seconds(case):
 def run_case(case, args):
     samples = args.samples or (7 if suite(args) == "default" else 15)
     samples = min(samples, case.max_samples or samples)
-    times = time_interleaved(case.candidates, case.device, samples=samples, clock=case.clock or CLOCKS[args.clock])
+    times = time_interleaved(case.candidates, case.device, samples=samples, clock=CLOCKS[args.clock])
     floor = _floor_seconds(case)
     ours = {n: t for n, t in times.items() if n.startswith("fastvae")}
     best_ours = min(ours.values()) if ours else None
