@@ -203,6 +203,11 @@ def _on_tensor_device(impl):
 
 
 def _implementation(backend, op, device_type):
+    if device_type == "meta":
+        # Meta tensors have shapes and no values: the op's registered fake (its Meta kernel)
+        # gives the outputs. The reference would run value-dependent steps on them (the VQ
+        # search's exactness check calls nonzero, which meta tensors cannot answer).
+        return getattr(torch.ops.fastvae, op).default
     impl = getattr(backend.module(), op)
     return _on_tensor_device(impl) if backend.device_guard and device_type == "cuda" else impl
 

@@ -1,0 +1,54 @@
+"""The contract of API.md as its users exercise it, where no op column's file covers it:
+meta tensors (shape inference, as PyTorch's own ops support) and the layers' argument checks."""
+import pytest
+import torch
+
+import fastvae
+import fastvae.nn
+
+
+def _meta(*shape):
+    return torch.empty(shape, device="meta")
+
+
+# (name, call, expected output shapes): every public op on meta tensors gives its outputs' shapes.
+META_CALLS = [
+    ("reparameterize", lambda: fastvae.reparameterize(_meta(4, 6), _meta(4, 6)), [(4, 6)]),
+    ("gaussian_kl", lambda: fastvae.gaussian_kl(_meta(4, 6), _meta(4, 6), reduction="per_sample"), [(4,)]),
+    ("reparameterize_kl", lambda: fastvae.reparameterize_kl(_meta(4, 6), _meta(4, 6)), [(4, 6), ()]),
+    ("gumbel_softmax", lambda: fastvae.gumbel_softmax(_meta(4, 6), hard=True), [(4, 6)]),
+    ("categorical_kl", lambda: fastvae.categorical_kl(_meta(4, 6), reduction="none"), [(4,)]),
+    ("nearest_code", lambda: fastvae.nearest_code(_meta(2, 3, 6), _meta(5, 6)), [(2, 3), (2, 3)]),
+    ("vector_quantize", lambda: fastvae.vector_quantize(_meta(2, 3, 6), _meta(5, 6)), [(2, 3, 6), (2, 3), ()]),
+    ("residual_quantize", lambda: fastvae.residual_quantize(_meta(2, 3, 6), _meta(4, 5, 6)),
+     [(2, 3, 6), (2, 3, 4), (4,)]),
+    ("kmeans", lambda: fastvae.kmeans(_meta(10, 6), 3), [(3, 6), (10,)]),
+    ("VectorQuantizer", lambda: fastvae.nn.VectorQuantizer(8, 6, channel_dim=1, device="meta")(_meta(2, 6, 3)),
+     [(2, 6, 3), (2, 3), ()]),
+    ("VectorQuantizer-ema", lambda: fastvae.nn.VectorQuantizer(8, 6, ema_decay=0.9, dead_code_threshold=1.0,
+                                                               device="meta")(_meta(10, 6)), [(10, 6), (10,), ()]),
+    ("ResidualVectorQuantizer", lambda: fastvae.nn.ResidualVectorQuantizer(2, 8, 6, ema_decay=0.9,
+                                                                           device="meta")(_meta(10, 6)),
+     [(10, 6), (10, 2), (2,)]),
+]
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "torch"])
+@pytest.mark.parametrize("name, call, shapes", META_CALLS, ids=[c[0] for c in META_CALLS])
+def test_meta_tensors_give_the_output_shapes(backend_name, name, call, shapes):
+    """``device="meta"`` (a model built with ``torch.device("meta")``, shape inference): the
+    ops give meta outputs of the right shapes, the VQ search included (its reference runs a
+    value-dependent exactness check, which meta tensors cannot answer)."""
+    with fastvae.use_backend(backend_name):
+        outputs = call()
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    assert [tuple(t.shape) for t in outputs] == shapes
+    assert all(t.device.type == "meta" for t in outputs)
+
+
+def test_meta_vector_quantize_backward():
+    x = torch.empty(4, 6, device="meta", requires_grad=True)
+    codebook = torch.empty(5, 6, device="meta", requires_grad=True)
+    quantized, _, loss = fastvae.vector_quantize(x, codebook)
+    (quantized.sum() + loss).backward()
+    assert x.grad.shape == x.shape and codebook.grad.shape == codebook.shape
