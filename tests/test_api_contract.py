@@ -52,3 +52,46 @@ def test_meta_vector_quantize_backward():
     quantized, _, loss = fastvae.vector_quantize(x, codebook)
     (quantized.sum() + loss).backward()
     assert x.grad.shape == x.shape and codebook.grad.shape == codebook.shape
+
+
+def _residual_kmeans_layer():
+    return fastvae.nn.ResidualVectorQuantizer(2, 8, 4, kmeans_init=True)
+
+
+# (make the layer, its bad input, error, message): checked before anything runs (k-means
+# fitting, dead-code restarts), naming the argument.
+BAD_LAYER_INPUTS = [
+    (_residual_kmeans_layer, torch.randn(30, 5), ValueError, "x has 5 features along channel_dim=-1"),
+    (lambda: fastvae.nn.ResidualVectorQuantizer(2, 8, 4, channel_dim=1), torch.randn(3, 5, 7), ValueError,
+     "x has 5 features along channel_dim=1"),
+    (lambda: fastvae.nn.ResidualVectorQuantizer(2, 8, 4, channel_dim=3), torch.randn(3, 4), ValueError,
+     "channel_dim=3 is out of range"),
+    (_residual_kmeans_layer, torch.ones(30, 4, dtype=torch.long), TypeError, "x must be a float"),
+]
+
+
+@pytest.mark.parametrize("make, x, error, message", BAD_LAYER_INPUTS)
+def test_residual_quantizer_checks_its_input_first(make, x, error, message):
+    layer = make()
+    state = {name: value.clone() for name, value in layer.state_dict().items()}
+    with pytest.raises(error, match=message):
+        layer(x)
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, state[name]), f"{name} changed by a rejected call"
+
+
+@pytest.mark.parametrize("option, value, error", [("ema_decay", "0.9", TypeError), ("ema_decay", float("nan"), ValueError),
+                                                  ("dead_code_threshold", "1", TypeError),
+                                                  ("dead_code_threshold", float("inf"), ValueError)])
+def test_quantizer_options_are_checked_by_name(option, value, error):
+    with pytest.raises(error, match=option):
+        fastvae.nn.VectorQuantizer(8, 4, **{option: value})
+
+
+def test_residual_quantizer_takes_numpy_stage_counts():
+    import numpy as np
+
+    layer = fastvae.nn.ResidualVectorQuantizer(3, 8, 4).eval()
+    x = torch.randn(5, 4)
+    _, indices, losses = layer(x, num_quantizers=np.int64(2))
+    assert indices.shape == (5, 2) and losses.shape == (2,)

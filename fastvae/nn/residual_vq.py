@@ -1,4 +1,6 @@
 """Residual VQ layer (SoundStream / EnCodec / DAC): R quantizer stages in one fused op."""
+import numbers
+
 import torch
 from torch import nn
 
@@ -6,7 +8,7 @@ from .. import ops
 from ..ops._common import check_size
 from ..ops.residual_vq import residual_segment_sums
 from ._sync import CodebookSync
-from .vq import VectorQuantizer, code_counts
+from .vq import VectorQuantizer, check_input, code_counts
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -71,15 +73,16 @@ class ResidualVectorQuantizer(nn.Module):
                 generator = self._sync.generator(device)  # the same draws on every rank
                 return int(torch.randint(1, self.num_quantizers + 1, (), generator=generator))
             return self.num_quantizers
-        if isinstance(num_quantizers, bool) or not isinstance(num_quantizers, int) \
+        if isinstance(num_quantizers, bool) or not isinstance(num_quantizers, numbers.Integral) \
                 or not 1 <= num_quantizers <= self.num_quantizers:
             raise ValueError(f"num_quantizers must be an int in [1, {self.num_quantizers}], got {num_quantizers!r}")
-        return num_quantizers
+        return int(num_quantizers)
 
     def forward(self, x, num_quantizers=None):
+        # Checked before the k-means initialisation, which would fit the codebooks to a bad input.
+        channel_last = check_input(x, self.channel_dim, self.dim) == x.dim() - 1
         source = x
         n = self._stage_count(num_quantizers, x.device)
-        channel_last = self.channel_dim in (-1, x.dim() - 1)
         if not channel_last:
             x = x.movedim(self.channel_dim, -1)
         if self.training and any(stage._kmeans_pending for stage in self.stages):

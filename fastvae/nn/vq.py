@@ -16,6 +16,17 @@ def code_counts(indices, num_codes):
     return indices.new_zeros(num_codes).scatter_add_(0, indices, torch.ones_like(indices))
 
 
+def check_input(x, channel_dim, dim):
+    """A VQ layer's input: a float tensor with ``dim`` features along ``channel_dim``; returns
+    ``channel_dim`` as a non-negative index."""
+    check_float("x", x)
+    channel_dim_index = check_dim("channel_dim", channel_dim, x.dim())
+    if x.shape[channel_dim_index] != dim:
+        raise ValueError(f"x has {x.shape[channel_dim_index]} features along channel_dim={channel_dim} but the "
+                         f"quantizer's dim is {dim}")
+    return channel_dim_index
+
+
 class VectorQuantizer(nn.Module):
     """VQ-VAE quantizer with a codebook of ``num_codes`` vectors of size ``dim``.
 
@@ -114,10 +125,9 @@ class VectorQuantizer(nn.Module):
         check_tokenizer_options(kmeans_iters=kmeans_iters, codebook_dim=codebook_dim, estimator=estimator,
                                 ema_debias=ema_debias, ema_decay=ema_decay, codebook_init=codebook_init)
         self._sync = CodebookSync(sync)
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        if ema_decay is not None and not 0.0 < check_real("ema_decay", ema_decay, minimum=0.0) < 1.0:
             raise ValueError(f"ema_decay must be None or in (0, 1), got {ema_decay}")
-        if not dead_code_threshold >= 0.0:
-            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
+        dead_code_threshold = check_real("dead_code_threshold", dead_code_threshold, minimum=0.0)
         self.num_codes, self.dim, self.beta, self.channel_dim = num_codes, dim, beta, channel_dim
         self.ema_decay, self.ema_eps, self.dead_code_threshold = ema_decay, ema_eps, dead_code_threshold
         self.kmeans_init, self.kmeans_iters, self.cosine, self.estimator = kmeans_init, kmeans_iters, cosine, estimator
@@ -169,11 +179,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, x):
         # Checked here, not only by the op: the restart below would otherwise write the codebook
         # from an input the op then rejects.
-        check_float("x", x)
-        channel_dim = check_dim("channel_dim", self.channel_dim, x.dim())
-        if x.shape[channel_dim] != self.dim:
-            raise ValueError(f"x has {x.shape[channel_dim]} features along channel_dim={self.channel_dim} but the "
-                             f"quantizer's dim is {self.dim}")
+        channel_dim = check_input(x, self.channel_dim, self.dim)
         source = x
         channel_last = channel_dim == x.dim() - 1
         if not channel_last:
