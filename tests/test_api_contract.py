@@ -95,3 +95,21 @@ def test_residual_quantizer_takes_numpy_stage_counts():
     x = torch.randn(5, 4)
     _, indices, losses = layer(x, num_quantizers=np.int64(2))
     assert indices.shape == (5, 2) and losses.shape == (2,)
+
+
+DEFAULT_ARGUMENT_CALLS = {
+    "vector_quantize": lambda x, codebook: fastvae.vector_quantize(x, codebook),
+    "residual_quantize": lambda x, codebook: fastvae.residual_quantize(x, codebook[None]),
+    "gumbel_softmax": lambda x, codebook: fastvae.gumbel_softmax(x),
+    "gumbel_quantize": lambda x, codebook: fastvae.gumbel_quantize(x, codebook.t()),
+}
+
+
+@pytest.mark.parametrize("name", DEFAULT_ARGUMENT_CALLS)
+def test_default_arguments_compile_with_dynamic_shapes(name):
+    """``torch.compile(dynamic=True)`` traces a float default argument (``beta=0.25``,
+    ``tau=1.0``) as a symbolic float: its check must not break the graph."""
+    torch._dynamo.reset()
+    compiled = torch.compile(DEFAULT_ARGUMENT_CALLS[name], fullgraph=True, dynamic=True, backend="eager")
+    for rows in (5, 7):
+        compiled(torch.randn(rows, 4), torch.randn(3, 4))

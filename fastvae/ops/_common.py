@@ -166,7 +166,9 @@ def check_real(name, value, *, minimum, inclusive=True):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < minimum or (value == minimum and not inclusive):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a default argument
+    # such as beta=0.25 is traced as a symbolic float, which math.isfinite cannot take.
+    if not -math.inf < value < math.inf or value < minimum or (value == minimum and not inclusive):
         raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} {minimum}, got {value}")
     return value
 
