@@ -141,6 +141,20 @@ def test_ema_debias_first_step_is_the_batch_mean(backend):
         VectorQuantizer(4, 2, ema_debias=True)
 
 
+@pytest.mark.parametrize("options", [{"ema_debias": True}, {"codebook_init": "normal"}])
+def test_ema_from_zero_keeps_its_codes_through_empty_batches(backend, options):
+    """Averages that start at zero have nothing to average after empty batches (0 / 0): the
+    codes stay, and the first non-empty batch moves them as usual."""
+    requires(backend, "vector_quantize", "segment_mean")
+    layer = VectorQuantizer(4, 2, ema_decay=0.9, **options)
+    initial = layer.codebook.clone()
+    for _ in range(2):
+        layer(torch.randn(0, 2))
+    assert torch.equal(layer.codebook, initial)
+    layer(torch.randn(20, 2))
+    assert torch.isfinite(layer.codebook).all() and not torch.equal(layer.codebook, initial)
+
+
 def test_rotation_estimator_in_the_layer(backend):
     requires(backend, "vector_quantize", "vector_quantize_rotation_backward")
     layer = VectorQuantizer(12, 6, estimator="rotation")

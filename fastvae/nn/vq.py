@@ -332,6 +332,9 @@ class VectorQuantizer(nn.Module):
         total = count.sum()
         smoothed = (count + self.ema_eps) / (total + self.num_codes * self.ema_eps) * total
         codes = total_sum / smoothed[:, None]
+        # Averages that started at zero (ema_debias, codebook_init="normal") and have seen only
+        # empty batches are 0 / 0: the codes stay where they are (no host sync to test it).
+        codes = torch.where(total > 0, codes, self.codebook.to(codes.dtype))
         self.codebook.copy_(F.normalize(codes, dim=-1) if self.cosine else codes)
 
     def _ema_averages(self):
