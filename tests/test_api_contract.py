@@ -113,3 +113,18 @@ def test_default_arguments_compile_with_dynamic_shapes(name):
     compiled = torch.compile(DEFAULT_ARGUMENT_CALLS[name], fullgraph=True, dynamic=True, backend="eager")
     for rows in (5, 7):
         compiled(torch.randn(rows, 4), torch.randn(3, 4))
+
+
+def test_dim_takes_numpy_ints_as_pytorch_does(backend):
+    """``F.gumbel_softmax(logits, dim=np.int64(0))`` works (PyTorch takes any integer for a
+    dim): so does the drop-in, with the same sample as for the Python int."""
+    import numpy as np
+
+    logits = torch.randn(5, 4)
+    for dim in (np.int64(0), np.int32(-1)):
+        torch.manual_seed(1)
+        got = fastvae.gumbel_softmax(logits, 0.5, True, dim=dim)
+        torch.manual_seed(1)
+        assert torch.equal(got, fastvae.gumbel_softmax(logits, 0.5, True, dim=int(dim)))
+        assert torch.equal(fastvae.categorical_kl(logits, dim=dim, reduction="none"),
+                           fastvae.categorical_kl(logits, dim=int(dim), reduction="none"))

@@ -187,8 +187,10 @@ def check_reduction(reduction, choices=REDUCTIONS):
 
 
 def check_dim(name, dim, ndim):
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    """``dim`` (a Python or NumPy int, as PyTorch takes one) as an index in ``[0, ndim)``."""
+    if isinstance(dim, (bool, np.bool_)) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+    dim = int(dim)
     if not -ndim <= dim < ndim:
         raise ValueError(f"{name}={dim} is out of range for a tensor of {ndim} dimensions")
     return dim % ndim
