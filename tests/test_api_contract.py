@@ -80,9 +80,9 @@ def test_residual_quantizer_checks_its_input_first(make, x, error, message):
         assert torch.equal(value, state[name]), f"{name} changed by a rejected call"
 
 
-@pytest.mark.parametrize("option, value, error", [("ema_decay", "0.9", TypeError), ("ema_decay", float("nan"), ValueError),
-                                                  ("dead_code_threshold", "1", TypeError),
-                                                  ("dead_code_threshold", float("inf"), ValueError)])
+@pytest.mark.parametrize("option, value, error", [
+    ("ema_decay", "0.9", TypeError), ("ema_decay", float("nan"), ValueError),
+    ("dead_code_threshold", "1", TypeError), ("dead_code_threshold", float("inf"), ValueError)])
 def test_quantizer_options_are_checked_by_name(option, value, error):
     with pytest.raises(error, match=option):
         fastvae.nn.VectorQuantizer(8, 4, **{option: value})

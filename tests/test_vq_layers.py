@@ -23,6 +23,35 @@ def test_load_state_dict_without_usage_count():
     assert torch.equal(fresh.codebook, layer.codebook) and fresh.usage_count.sum() == 0
 
 
+def test_load_state_dict_without_the_running_usage_of_dead_code_restarts():
+    """Without EMA, ``ema_count`` is the running usage that restarts read: a usage statistic a
+    plain checkpoint lacks. It starts as a new layer's (no code restarted at once)."""
+    plain = VectorQuantizer(8, 4).state_dict()
+    layer = VectorQuantizer(8, 4, dead_code_threshold=0.5)
+    layer.load_state_dict(plain)
+    assert torch.equal(layer.codebook, plain["codebook"])
+    torch.testing.assert_close(layer.ema_count, torch.ones(8))
+    layer(torch.randn(30, 4))
+    assert torch.equal(layer.codebook, plain["codebook"])
+
+
+@pytest.mark.parametrize("options", [{"ema_decay": 0.99}, {"dead_code_threshold": 1.0}, {"kmeans_init": True},
+                                     {"ema_decay": 0.9, "ema_debias": True, "dead_code_threshold": 0.5}])
+def test_from_state_dict_starts_the_statistics_a_checkpoint_lacks(options):
+    """A gradient-trained taming checkpoint fine-tuned with EMA, restarts or k-means options:
+    the layer starts from the checkpoint's codes, each counted once (as a new layer's), and
+    k-means does not fit them again."""
+    codebook = torch.randn(16, 4)
+    layer = VectorQuantizer.from_state_dict({"quantize.embedding.weight": codebook}, layout="taming",
+                                            prefix="quantize.", **options)
+    assert torch.equal(layer.codebook, codebook)
+    if "ema_decay" in options and "ema_debias" not in options:
+        torch.testing.assert_close(layer.ema_sum / layer.ema_count[:, None], codebook)
+    if "kmeans_init" in options:
+        layer(torch.randn(2, 4, 5, 5))
+        assert bool(layer.initialized) and torch.equal(layer.codebook, codebook)
+
+
 def test_perplexity_is_a_tensor_before_the_first_call():
     layer = VectorQuantizer(8, 3)
     assert isinstance(layer.perplexity, torch.Tensor) and torch.isnan(layer.perplexity)

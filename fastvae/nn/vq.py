@@ -160,18 +160,28 @@ class VectorQuantizer(nn.Module):
     def reset_parameters(self):
         with torch.no_grad():
             initial_count = init_codebook_(self.codebook, self.codebook_init, self.cosine)
-            if self.ema_debias:
-                initial_count = 0.0  # the debiased average ignores its starting value
-                self.ema_steps.zero_()
-            if self.ema_decay is not None or self.dead_code_threshold > 0:
-                if not self.ema_debias:  # a new code counts as just restarted: no restart before it had a chance
-                    initial_count = max(initial_count, self.dead_code_threshold)
-                self.ema_count.fill_(initial_count)
-            if self.ema_decay is not None:
-                self.ema_sum.copy_(self.codebook.float() * initial_count)
+            for name, value in self.initial_statistics(self.codebook, initial_count).items():
+                getattr(self, name).copy_(value)
             if self._kmeans_pending or hasattr(self, "initialized"):
                 self.initialized.fill_(False)
                 self._kmeans_pending = True
+
+    @torch.no_grad()
+    def initial_statistics(self, codebook, initial_count=1.0):
+        """The EMA and dead-code statistics of a new layer whose codes are ``codebook``, each
+        counted as ``initial_count`` pseudo-assignments: ``{buffer name: value}`` (empty for a
+        gradient-trained codebook without restarts)."""
+        statistics = {}
+        if self.ema_debias:
+            initial_count = 0.0  # the debiased average ignores its starting value
+            statistics["ema_steps"] = torch.zeros_like(self.ema_steps)
+        if self.ema_decay is not None or self.dead_code_threshold > 0:
+            if not self.ema_debias:  # a new code counts as just restarted: no restart before it had a chance
+                initial_count = max(initial_count, self.dead_code_threshold)
+            statistics["ema_count"] = torch.full_like(self.ema_count, initial_count)
+        if self.ema_decay is not None:
+            statistics["ema_sum"] = codebook.to(self.ema_sum.dtype) * initial_count
+        return statistics
 
     def reset_usage(self):
         self.usage_count.zero_()
@@ -313,9 +323,12 @@ class VectorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # Checkpoints without the usage statistics (older fastvae, other libraries) load.
+        # Checkpoints without the usage statistics (older fastvae, other libraries) load: the
+        # usage counts, and without EMA the running usage that dead-code restarts read.
         if prefix + "usage_count" not in state_dict:
             state_dict[prefix + "usage_count"] = torch.zeros_like(self.usage_count)
+        if prefix + "ema_count" not in state_dict and self.ema_decay is None and self.dead_code_threshold > 0:
+            state_dict[prefix + "ema_count"] = self.initial_statistics(self.codebook)["ema_count"]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if hasattr(self, "initialized"):

@@ -25,8 +25,24 @@ def build_from_state_dict(cls, state_dict, layout, prefix, options):
         own_state.pop("ema_sum", None)
         if "ema_count" not in expected:
             own_state.pop("ema_count", None)
-    layer.load_state_dict(own_state)
+    layer.load_state_dict({**_missing_statistics(layer, own_state, expected), **own_state})
     return layer
+
+
+def _missing_statistics(layer, own_state, expected):
+    """The statistics the options ask for and the checkpoint lacks (a gradient-trained codebook
+    loaded into EMA mode or with dead-code restarts, say), as a new layer's around the
+    checkpoint's codes: each code one pseudo-assignment (EMA sums to match the checkpoint's
+    counts where it has them), and a codebook that k-means need not fit again."""
+    codebook = own_state.get("codebook")
+    if codebook is None:
+        return {}
+    fresh = layer.initial_statistics(codebook)
+    if "ema_count" in own_state and "ema_sum" in fresh and not layer.ema_debias:
+        dtype = fresh["ema_sum"].dtype
+        fresh["ema_sum"] = codebook.to(dtype) * own_state["ema_count"].to(dtype)[:, None]
+    fresh["initialized"] = torch.ones((), dtype=torch.bool)
+    return {name: value for name, value in fresh.items() if name in expected and name not in own_state}
 
 
 def _projection_sizes(state_dict, prefix, codebook):
