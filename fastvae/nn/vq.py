@@ -160,14 +160,14 @@ class VectorQuantizer(nn.Module):
     def reset_parameters(self):
         with torch.no_grad():
             initial_count = init_codebook_(self.codebook, self.codebook_init, self.cosine)
-            for name, value in self.initial_statistics(self.codebook, initial_count).items():
+            for name, value in self._initial_statistics(self.codebook, initial_count).items():
                 getattr(self, name).copy_(value)
             if self._kmeans_pending or hasattr(self, "initialized"):
                 self.initialized.fill_(False)
                 self._kmeans_pending = True
 
     @torch.no_grad()
-    def initial_statistics(self, codebook, initial_count=1.0):
+    def _initial_statistics(self, codebook, initial_count=1.0):
         """The EMA and dead-code statistics of a new layer whose codes are ``codebook``, each
         counted as ``initial_count`` pseudo-assignments: ``{buffer name: value}`` (empty for a
         gradient-trained codebook without restarts)."""
@@ -328,7 +328,7 @@ class VectorQuantizer(nn.Module):
         if prefix + "usage_count" not in state_dict:
             state_dict[prefix + "usage_count"] = torch.zeros_like(self.usage_count)
         if prefix + "ema_count" not in state_dict and self.ema_decay is None and self.dead_code_threshold > 0:
-            state_dict[prefix + "ema_count"] = self.initial_statistics(self.codebook)["ema_count"]
+            state_dict[prefix + "ema_count"] = self._initial_statistics(self.codebook)["ema_count"]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if hasattr(self, "initialized"):

@@ -37,7 +37,7 @@ def _missing_statistics(layer, own_state, expected):
     codebook = own_state.get("codebook")
     if codebook is None:
         return {}
-    fresh = layer.initial_statistics(codebook)
+    fresh = layer._initial_statistics(codebook)
     if "ema_count" in own_state and "ema_sum" in fresh and not layer.ema_debias:
         dtype = fresh["ema_sum"].dtype
         fresh["ema_sum"] = codebook.to(dtype) * own_state["ema_count"].to(dtype)[:, None]
