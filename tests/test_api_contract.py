@@ -128,3 +128,26 @@ def test_dim_takes_numpy_ints_as_pytorch_does(backend):
         assert torch.equal(got, fastvae.gumbel_softmax(logits, 0.5, True, dim=int(dim)))
         assert torch.equal(fastvae.categorical_kl(logits, dim=dim, reduction="none"),
                            fastvae.categorical_kl(logits, dim=int(dim), reduction="none"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fastvae.nn.ResidualVectorQuantizer(2, 16, 6, dead_code_threshold=0.1),
+    lambda: fastvae.nn.ResidualVectorQuantizer(2, 16, 6, dead_code_threshold=0.1, ema_decay=0.9, shared_codebook=True),
+], ids=["residual-restarts", "residual-shared-ema-restarts"])
+def test_residual_layer_with_restarts_compiles_fullgraph(make):
+    torch._dynamo.reset()
+    layer = make().train()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    quantized, _, losses = compiled(torch.randn(9, 6, requires_grad=True))
+    (quantized.sum() + losses.sum()).backward()
+
+
+def test_dead_code_restarts_compile_with_dynamic_shapes_under_inductor():
+    """A training step with dead-code restarts under ``torch.compile(dynamic=True)``: the batch
+    size is symbolic, and Inductor's CPU code generation failed on a fill by a symbolic bool."""
+    torch._dynamo.reset()
+    layer = fastvae.nn.VectorQuantizer(16, 6, dead_code_threshold=0.1).train()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    for rows in (7, 9):
+        quantized, _, loss = compiled(torch.randn(rows, 6, requires_grad=True))
+        (quantized.sum() + loss).backward()

@@ -66,7 +66,10 @@ class CodebookSync:
         else:
             candidates = rows.new_zeros(count, dim)
         if not self.enabled:
-            return candidates, torch.full((count,), num_rows > 0, device=rows.device)
+            # A branch, not torch.full(..., num_rows > 0): under torch.compile(dynamic=True) that
+            # fill is a symbolic bool, which Inductor's CPU code generation fails on.
+            found = torch.ones if num_rows else torch.zeros
+            return candidates, found(count, dtype=torch.bool, device=rows.device)
         rate = float(num_rows) if num_rows else 0.0
         exponential = -torch.log1p(-torch.rand(count, dtype=torch.float64, device=rows.device))
         key = (exponential / rate).float()  # +inf for an empty rank: never below a rank with rows

@@ -101,13 +101,14 @@ class ResidualVectorQuantizer(nn.Module):
                 quantized = quantized.contiguous()
         return quantized, indices, losses
 
-    @torch.no_grad()
-    def _stage_residuals(self, flat_x, codebooks, indices):
-        """Each stage's input: res_0 = x, res_{r+1} = res_r - its code."""
-        residual = flat_x.float()
-        for r in range(codebooks.shape[0]):
-            yield residual
-            residual = residual - codebooks[r].float()[indices[:, r]]
+    @staticmethod
+    def _stage_residuals(flat_x, codebooks, indices):
+        """Each stage's input: res_0 = x, res_{r+1} = res_r - its code (a list: torch.compile
+        cannot trace a generator under no_grad, which the callers hold)."""
+        residuals = [flat_x.float()]
+        for r in range(codebooks.shape[0] - 1):
+            residuals.append(residuals[-1] - codebooks[r].float()[indices[:, r]])
+        return residuals
 
     @torch.no_grad()
     def _update_statistics(self, flat_x, codebooks, indices):
@@ -131,7 +132,7 @@ class ResidualVectorQuantizer(nn.Module):
         for stage, parts in zip(stages, statistics):
             stage._apply_statistics(parts)
         if self.training and first.dead_code_threshold > 0:
-            residuals = list(self._stage_residuals(flat_x, codebooks, indices))
+            residuals = self._stage_residuals(flat_x, codebooks, indices)
             inputs = [torch.cat(residuals)] if self.shared_codebook else residuals
             for stage, x in zip(stages, inputs):
                 stage._restart_dead_codes(x)
