@@ -216,6 +216,20 @@ def test_diagonal_gaussian_on_other_dims_and_5d_latents(backend):
         posterior.kl(other=torch.zeros(1))
 
 
+@pytest.mark.parametrize("parameters, dim, error, message", [
+    (torch.randn(2, 3, 4), 1, ValueError, "size there must be even"),
+    (torch.randn(2, 0, 4), 1, ValueError, "size there must be even"),
+    (torch.randn(2, 4), 2, ValueError, "dim=2 is out of range"),
+    (torch.tensor(1.0), 0, ValueError, "dim=0 is out of range"),
+    (torch.ones(2, 4, dtype=torch.long), 1, TypeError, "parameters must be a float"),
+])
+def test_diagonal_gaussian_checks_its_parameters(parameters, dim, error, message):
+    """An encoder output that cannot hold a mean and a log-variance is refused when the
+    posterior is made, naming ``parameters`` (not later by the KL, naming its internals)."""
+    with pytest.raises(error, match=message):
+        fastvae.nn.DiagonalGaussian(parameters, dim=dim)
+
+
 # ---------------------------------------------------------------- GumbelQuantizer against taming
 def taming_kl(logits, kl_weight):
     """taming GumbelQuantize's loss: kl_weight * sum(qy * log(qy * K + 1e-10), dim=1).mean()."""

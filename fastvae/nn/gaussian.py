@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops._common import check_reduction
+from ..ops._common import check_dim, check_float, check_reduction
 from ..ops.gaussian import GAUSSIAN_REDUCTIONS
 
 
@@ -77,6 +77,11 @@ class DiagonalGaussian:
     """
 
     def __init__(self, parameters, dim=1, deterministic=False):
+        check_float("parameters", parameters)
+        size = parameters.shape[check_dim("dim", dim, parameters.dim())]
+        if size % 2 or not size:
+            raise ValueError(f"parameters must hold the mean and the log-variance concatenated along dim={dim}: "
+                             f"its size there must be even and > 0, got shape {tuple(parameters.shape)}")
         self.parameters = parameters
         self.dim = dim
         self.deterministic = deterministic
