@@ -1,14 +1,25 @@
-"""What the VQ layers share: option checks and codebook initialisations."""
+"""What the VQ layers share: input and option checks, codebook initialisations."""
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import check_size
+from ..ops._common import check_dim, check_float, check_size
 from ..ops.vq import ESTIMATORS
 
 CODEBOOK_INITS = ("uniform", "normal", "kaiming")
+
+
+def check_input(x, channel_dim, dim):
+    """A VQ layer's input: a float tensor with ``dim`` features along ``channel_dim``; returns
+    ``channel_dim`` as a non-negative index."""
+    check_float("x", x)
+    channel_dim_index = check_dim("channel_dim", channel_dim, x.dim())
+    if x.shape[channel_dim_index] != dim:
+        raise ValueError(f"x has {x.shape[channel_dim_index]} features along channel_dim={channel_dim} but the "
+                         f"quantizer's dim is {dim}")
+    return channel_dim_index
 
 
 def check_tokenizer_options(*, kmeans_iters, codebook_dim, estimator, ema_debias, ema_decay, codebook_init):

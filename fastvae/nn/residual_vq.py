@@ -7,8 +7,9 @@ from torch import nn
 from .. import ops
 from ..ops._common import check_size
 from ..ops.residual_vq import residual_segment_sums
+from ._codebook import check_input
 from ._sync import CodebookSync
-from .vq import VectorQuantizer, check_input, code_counts
+from .vq import VectorQuantizer, code_counts
 
 
 class ResidualVectorQuantizer(nn.Module):

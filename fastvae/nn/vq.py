@@ -4,9 +4,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._common import check_dim, check_float, check_real, check_size
+from ..ops._common import check_real, check_size
 from ..ops.kmeans import segment_mean
-from ._codebook import check_tokenizer_options, init_codebook_
+from ._codebook import check_input, check_tokenizer_options, init_codebook_
 from ._sync import CodebookSync
 
 
@@ -14,17 +14,6 @@ def code_counts(indices, num_codes):
     """How often each code occurs in ``indices`` (int64): ``scatter_add_`` of ones, not
     ``bincount``, which syncs with the host on CUDA."""
     return indices.new_zeros(num_codes).scatter_add_(0, indices, torch.ones_like(indices))
-
-
-def check_input(x, channel_dim, dim):
-    """A VQ layer's input: a float tensor with ``dim`` features along ``channel_dim``; returns
-    ``channel_dim`` as a non-negative index."""
-    check_float("x", x)
-    channel_dim_index = check_dim("channel_dim", channel_dim, x.dim())
-    if x.shape[channel_dim_index] != dim:
-        raise ValueError(f"x has {x.shape[channel_dim_index]} features along channel_dim={channel_dim} but the "
-                         f"quantizer's dim is {dim}")
-    return channel_dim_index
 
 
 class VectorQuantizer(nn.Module):
