@@ -65,6 +65,10 @@ struct Input {
       for (int64_t i = begin; i < end; ++i) scratch[i - begin] = static_cast<float>(data[i]);
       return scratch;
     }
+    if (row_stride == 0 && col_stride == 0) {  // one value (sum()'s expanded gradient): one fill, not one per row
+      std::fill(scratch, scratch + (end - begin), static_cast<float>(*data));
+      return scratch;
+    }
     for (int64_t i = begin; i < end;) {
       const int64_t row = i / cols, col = i - row * cols, len = std::min(end - i, cols - col);
       const T* src = data + row * row_stride + col * col_stride;
