@@ -22,7 +22,9 @@ struct Rows {
 inline Rows as_rows(const at::Tensor& t, at::IntArrayRef shape, at::ScalarType dtype) {
   const int64_t cols = shape.empty() ? 1 : shape.back();
   const int64_t rows = cols == 0 ? 0 : c10::multiply_integers(shape) / cols;
-  const at::Tensor expanded = t.to(dtype).expand(shape);
+  // A tensor already of that shape and dtype is used as it is: to() and expand() would
+  // return views of it with the same strides, at a dispatcher call each.
+  const at::Tensor expanded = t.scalar_type() == dtype && t.sizes().equals(shape) ? t : t.to(dtype).expand(shape);
   if (rows > 0) {
     const std::vector<int64_t> matrix = {rows, cols};
     if (const auto strides = at::detail::computeStride(expanded.sizes(), expanded.strides(), at::IntArrayRef(matrix))) {

@@ -6,11 +6,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "normal_block.h"
 #include "simd.h"
 #include "vecmath.h"
+#include "vq_lanes.h"
 
 namespace fastvae {
 namespace gaussian_block {
@@ -144,21 +146,45 @@ inline void regenerated_noise(uint64_t seed, int64_t begin, int64_t len, Floats 
 // within 16% of it, so few elements are redone needlessly (N(0, 1) mu and logvar: 0.08%,
 // against 0.06% lost by the exact test). log2(std) is clamped to [-126, 124] so that
 // the bound is a normal float; a NaN logvar gives -126 (regenerated).
-FASTVAE_VECMATH simd::VecI digits_lost(simd::VecF mu, simd::VecF logvar) {
-  using namespace simd;
+// The same lanes at any width (`VecF` any float vector type): the selects are vector ?:.
+template <typename VecF>
+FASTVAE_VECMATH auto digits_lost(VecF mu, VecF logvar) {
+  using VecI = decltype(mu < mu);
+  const VecF lowest = VecF{} - 126.0f, highest = VecF{} + 124.0f;
   VecF log2_std = 0.72134752044448170f * logvar;  // log2(e) / 2
-  log2_std = select(log2_std >= -126.0f, log2_std, splat(-126.0f));
-  log2_std = select(log2_std <= 124.0f, log2_std, splat(124.0f));
+  log2_std = log2_std >= lowest ? log2_std : lowest;
+  log2_std = log2_std <= highest ? log2_std : highest;
   VecI k = __builtin_convertvector(log2_std, VecI);  // rounds toward zero:
   k += (VecI)(log2_std < __builtin_convertvector(k, VecF));  // -1 where that rounded up
   const VecF fraction = log2_std - __builtin_convertvector(k, VecF);
-  const VecF std_lower = vecmath::pow2<VecF>(k) * (1.0f + 0.69314718055994531f * fraction);
+  const VecF pow2_k = (VecF)((k + 127) << 23);  // 2^k in the exponent field, as vecmath::pow2
+  const VecF std_lower = pow2_k * (1.0f + 0.69314718055994531f * fraction);
   const VecF abs_mu = (VecF)((VecI)mu & 0x7fffffff);
   return ~(abs_mu <= 8.0f * std_lower);  // a NaN mu compares false: lost
 }
 
+// The register RecoveredNoise's pass works in: 16 lanes at the AVX-512 level (vq_lanes.h),
+// where simd.h's vectors hold 8 (the 8-lane pass was the sampling backward's largest cost
+// there); simd.h's at the other levels. The same arithmetic per lane, so the same bits.
+#if defined(__AVX512F__)
+namespace recovery = vq_lanes;
+#else
+namespace recovery = simd;
+#endif
+
+// The first `count` lanes of a recovery::VecF (all when count is recovery::kLanes); lanes
+// past count are zero.
+FASTVAE_VECMATH recovery::VecF load_lanes(const float* p, int64_t count) {
+  recovery::VecF v{};
+  std::memcpy(&v, p, sizeof(float) * (count == recovery::kLanes ? recovery::kLanes : count));
+  return v;
+}
+FASTVAE_VECMATH void store_lanes(float* p, recovery::VecF v, int64_t count) {
+  std::memcpy(p, &v, sizeof(float) * (count == recovery::kLanes ? recovery::kLanes : count));
+}
+
 // A pass over a block with z - mu standing for std * eps: pass(j, count, z - mu) for
-// elements j .. j + count - 1 (count = simd::kLanes but at the block's ragged end; lanes past count
+// elements j .. j + count - 1 (count = recovery::kLanes but at the block's ragged end; lanes past count
 // are zero), noting where the digits were lost.
 class RecoveredNoise {
  public:
@@ -166,11 +192,11 @@ class RecoveredNoise {
 
   template <typename Pass>
   RecoveredNoise(Floats m, Floats v, Floats z, int64_t len, const Pass& pass) {
-    using namespace simd;
+    using namespace recovery;
     const auto step = [&](int64_t j, int64_t count) __attribute__((always_inline)) {
-      const VecF mu = load_first(m + j, count);
-      pass(j, count, load_first(z + j, count) - mu);
-      const uint32_t bits = lane_bits(digits_lost(mu, load_first(v + j, count)));  // mu 0 past count: never lost
+      const VecF mu = load_lanes(m + j, count);
+      pass(j, count, load_lanes(z + j, count) - mu);
+      const uint32_t bits = lane_bits((VecI)digits_lost(mu, load_lanes(v + j, count)));  // mu 0 past count: never lost
       lost_[j / 64] |= static_cast<uint64_t>(bits) << (j % 64);
       lost_count_ += __builtin_popcount(bits);
     };
@@ -220,8 +246,8 @@ class RecoveredNoise {
 
 inline void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Floats v, Floats z, FloatsOut noise) {
   if (z == nullptr) return regenerated_noise(seed, begin, len, v, noise);
-  const RecoveredNoise recovered(m, v, z, len, [&](int64_t j, int64_t count, simd::VecF scaled) {
-    simd::store_first(noise + j, scaled, count);
+  const RecoveredNoise recovered(m, v, z, len, [&](int64_t j, int64_t count, recovery::VecF scaled) {
+    store_lanes(noise + j, scaled, count);
   });
   if (!recovered.redo_lost(seed, begin, len, v, [&](int64_t e, float scaled) { noise[e] = scaled; })) {
     regenerated_noise(seed, begin, len, v, noise);
@@ -233,12 +259,11 @@ inline void scaled_noise(uint64_t seed, int64_t begin, int64_t len, Floats m, Fl
 // overlap (a pass per output measured 1.5x slower on one core at (4096, 512)).
 inline void sample_grad_pass(uint64_t seed, int64_t begin, int64_t len, Floats gz, Floats m, Floats v, Floats z,
                              FloatsOut g_lv, FloatsOut g_mu) {
-  using namespace simd;
   if (z != nullptr) {
-    const RecoveredNoise recovered(m, v, z, len, [&](int64_t j, int64_t count, VecF scaled) {
-      const VecF g = load_first(gz + j, count);
-      store_first(g_lv + j, 0.5f * g * scaled, count);
-      if (g_mu != nullptr) store_first(g_mu + j, g, count);
+    const RecoveredNoise recovered(m, v, z, len, [&](int64_t j, int64_t count, recovery::VecF scaled) {
+      const recovery::VecF g = load_lanes(gz + j, count);
+      store_lanes(g_lv + j, 0.5f * g * scaled, count);
+      if (g_mu != nullptr) store_lanes(g_mu + j, g, count);
     });
     if (recovered.redo_lost(seed, begin, len, v, [&](int64_t e, float scaled) { g_lv[e] = 0.5f * gz[e] * scaled; })) {
       return;
