@@ -50,6 +50,7 @@
 
 #include "../common.h"
 #include "../ops.h"
+#include "float_limits.h"
 #include "vq_lanes.h"
 
 namespace fastvae {
@@ -75,7 +76,6 @@ constexpr int kTileRows = 6;
 constexpr int kTileRows = 4;
 #endif
 constexpr int64_t kRowBlock = 252;  // rows per task, a multiple of kTileRows: 252 KiB of x at D = 256
-constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr double kUnitRoundoff = 5.9604644775390625e-08;  // 2^-24
 
 // Exact float32 squared distance ||x - e||^2, or ||x||^2 when e is null (fixed summation
