@@ -1,6 +1,6 @@
 // VQ column, C++ CPU kernels: the forward entry points nearest_code, vector_quantize and
-// residual_quantize over the nearest-code search of csrc/cpu/vq_search.cpp, and
-// vector_quantize's straight-through backward.
+// residual_quantize over the nearest-code search of csrc/cpu/vq_search.cpp (their
+// backward kernels are in csrc/cpu/vq_grad.cpp).
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 
@@ -44,62 +44,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor&
   for (int64_t i = 0; i < n; ++i) total += sq_dist[i];
   const double loss = (1.0 + beta) * total / static_cast<double>(std::max<int64_t>(n * d, 1));
   return {quantized, indices, at::scalar_tensor(loss, x.options())};
-}
-
-std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& grad_quantized,
-                                                            const at::Tensor& grad_loss, const at::Tensor& x,
-                                                            const at::Tensor& codebook, const at::Tensor& indices,
-                                                            double beta) {
-  vq_search::check_inputs(x, codebook);
-  const int64_t n = x.size(0), d = x.size(1), k = codebook.size(0);
-  const at::Tensor xf = x.to(at::kFloat).contiguous(), gq = grad_quantized.to(at::kFloat).contiguous();
-  const at::Tensor cbf = codebook.to(at::kFloat).contiguous(), idx_t = indices.contiguous();
-  const float scale =
-      static_cast<float>(2.0 * grad_loss.to(at::kDouble).item<double>() / static_cast<double>(std::max<int64_t>(n * d, 1)));
-  const float commit = static_cast<float>(beta) * scale;
-  const float* xp = xf.data_ptr<float>();
-  const float* gp = gq.data_ptr<float>();
-  const float* ep = cbf.data_ptr<float>();
-  const int64_t* idx = idx_t.data_ptr<int64_t>();
-
-  at::Tensor grad_x = empty_output({n, d}, xf.options());
-  float* gx = grad_x.data_ptr<float>();
-  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* e = ep + idx[i] * d;
-      for (int64_t j = 0; j < d; ++j) gx[i * d + j] = gp[i * d + j] + commit * (xp[i * d + j] - e[j]);
-    }
-  });
-
-  // Codebook term: a segment sum over the rows of each code. A counting sort puts the
-  // rows of code c at order[offset[c] .. offset[c + 1]) in increasing row order, and
-  // each code sums its rows in that order: the same bits every run, no atomics.
-  std::vector<int64_t> offset(k + 1, 0), order(n);
-  for (int64_t i = 0; i < n; ++i) {
-    TORCH_CHECK(idx[i] >= 0 && idx[i] < k, "vector_quantize_backward: index out of range");
-    ++offset[idx[i] + 1];
-  }
-  for (int64_t c = 0; c < k; ++c) offset[c + 1] += offset[c];
-  {
-    std::vector<int64_t> fill(offset.begin(), offset.end() - 1);
-    for (int64_t i = 0; i < n; ++i) order[fill[idx[i]]++] = i;
-  }
-  at::Tensor grad_codebook = at::zeros({k, d}, xf.options());
-  float* gc = grad_codebook.data_ptr<float>();
-  at::parallel_for(0, k, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> sum(d);
-    for (int64_t c = begin; c < end; ++c) {
-      if (offset[c] == offset[c + 1]) continue;
-      std::fill(sum.begin(), sum.end(), 0.f);
-      const float* e = ep + c * d;
-      for (int64_t p = offset[c]; p < offset[c + 1]; ++p) {
-        const float* xi = xp + order[p] * d;
-        for (int64_t j = 0; j < d; ++j) sum[j] += xi[j] - e[j];
-      }
-      for (int64_t j = 0; j < d; ++j) gc[c * d + j] = -scale * sum[j];
-    }
-  });
-  return {grad_x.to(x.scalar_type()), grad_codebook.to(codebook.scalar_type())};
 }
 
 // residual_quantize: all R stages in one call. A row block's residual lives in a

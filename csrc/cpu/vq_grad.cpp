@@ -1,10 +1,11 @@
-// VQ column, C++ CPU backward kernels beyond the straight-through one of vq.cpp: the
-// rotation-trick estimator of vector_quantize, and residual_quantize's backward.
+// VQ column, C++ CPU backward kernels: vector_quantize's straight-through and
+// rotation-trick estimators, residual_quantize's backward and its EMA statistics.
 #include <cmath>
 
 #include "../common.h"
 #include "../ops.h"
 #include "segment.h"
+#include "vq_search.h"
 
 namespace fastvae {
 namespace {
@@ -21,8 +22,9 @@ at::Tensor codebook_term_grad(const float* xp, const float* ep, const int64_t* i
         const float *xi = xp + i * d, *e = ep + idx[i] * d;
         for (int64_t j = 0; j < d; ++j) acc[j] += xi[j] - e[j];
       },
-      [&](int64_t c, const float* acc) {
-        for (int64_t j = 0; j < d; ++j) gc[c * d + j] = -scale * acc[j];
+      [&](int64_t c, const float* acc) {  // an unused code: 0, whatever the scale (inf, NaN)
+        const float code_scale = segments.count(c) > 0 ? -scale : 0.f;
+        for (int64_t j = 0; j < d; ++j) gc[c * d + j] = code_scale * acc[j];
       });
   return grad;
 }
@@ -33,6 +35,32 @@ float grad_scale(const at::Tensor& grad_loss, int64_t elements) {  // d mse / d 
 }
 
 }  // namespace
+
+// Straight-through: grad_x = g + beta s (x - e), grad_codebook[c] = -s sum over the rows of
+// code c of (x - e), s = 2 grad_loss / (N D).
+std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& grad_quantized,
+                                                            const at::Tensor& grad_loss, const at::Tensor& x,
+                                                            const at::Tensor& codebook, const at::Tensor& indices,
+                                                            double beta) {
+  vq_search::check_inputs(x, codebook);
+  const int64_t n = x.size(0), d = x.size(1), k = codebook.size(0);
+  const at::Tensor xf = x.to(at::kFloat).contiguous(), gq = grad_quantized.to(at::kFloat).contiguous();
+  const at::Tensor cbf = codebook.to(at::kFloat).contiguous(), idx_t = indices.contiguous();
+  const float scale = grad_scale(grad_loss, n * d), commit = static_cast<float>(beta) * scale;
+  const float *xp = xf.data_ptr<float>(), *gp = gq.data_ptr<float>(), *ep = cbf.data_ptr<float>();
+  const int64_t* idx = idx_t.data_ptr<int64_t>();
+  // First: it checks every index before grad_x reads the codebook at one.
+  at::Tensor grad_codebook = codebook_term_grad(xp, ep, idx, n, k, d, scale, xf.options(), "vector_quantize_backward");
+  at::Tensor grad_x = empty_output({n, d}, xf.options());
+  float* gx = grad_x.data_ptr<float>();
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* e = ep + idx[i] * d;
+      for (int64_t j = 0; j < d; ++j) gx[i * d + j] = gp[i * d + j] + commit * (xp[i * d + j] - e[j]);
+    }
+  });
+  return {grad_x.to(x.scalar_type()), grad_codebook.to(codebook.scalar_type())};
+}
 
 // Rotation trick (Fifty et al. 2024): with u = x/|x|, q = e/|e|, w = (u + q)/|u + q| (all
 // constants), the output is |e|/|x| (x - 2 (x.w) w + 2 (x.u) q), equal to e in value, so
