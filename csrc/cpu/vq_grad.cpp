@@ -60,6 +60,19 @@ at::Tensor codebook_term_grad(const QuantizeBackward& in) {
   return grad;
 }
 
+// grad_x (float32, (N, D)): row_grad(xi, gi, e, out) writes row i's gradient to out from
+// its x, its grad_quantized and its code; rows in parallel, grain rows at least per task.
+template <typename RowGrad>
+at::Tensor grad_x_by_row(const QuantizeBackward& in, int64_t grain, const RowGrad& row_grad) {
+  const int64_t d = in.d;
+  at::Tensor grad_x = empty_output({in.n, d}, in.x32.options());
+  float* gx = grad_x.data_ptr<float>();
+  at::parallel_for(0, in.n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) row_grad(in.xp + i * d, in.gp + i * d, in.ep + in.idx[i] * d, gx + i * d);
+  });
+  return grad_x;
+}
+
 }  // namespace
 
 // Straight-through: grad_x = g + beta s (x - e), grad_codebook[c] = -s sum over the rows of
@@ -71,16 +84,9 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& gr
   const QuantizeBackward in(grad_quantized, grad_loss, x, codebook, indices, beta, "vector_quantize_backward");
   at::Tensor grad_codebook = codebook_term_grad(in);
   const int64_t d = in.d;
-  const float *xp = in.xp, *gp = in.gp, *ep = in.ep;
-  const int64_t* idx = in.idx;
   const float commit = in.commit;
-  at::Tensor grad_x = empty_output({in.n, d}, in.x32.options());
-  float* gx = grad_x.data_ptr<float>();
-  at::parallel_for(0, in.n, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* e = ep + idx[i] * d;
-      for (int64_t j = 0; j < d; ++j) gx[i * d + j] = gp[i * d + j] + commit * (xp[i * d + j] - e[j]);
-    }
+  at::Tensor grad_x = grad_x_by_row(in, 1024, [&](const float* xi, const float* gi, const float* e, float* out) {
+    for (int64_t j = 0; j < d; ++j) out[j] = gi[j] + commit * (xi[j] - e[j]);
   });
   return {grad_x.to(x.scalar_type()), grad_codebook.to(codebook.scalar_type())};
 }
@@ -98,36 +104,26 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_rotation_backward(const at::T
                             "vector_quantize_rotation_backward");
   at::Tensor grad_codebook = codebook_term_grad(in);
   const int64_t d = in.d;
-  const float *xp = in.xp, *gp = in.gp, *ep = in.ep;
-  const int64_t* idx = in.idx;
   const float commit = in.commit;
-  at::Tensor grad_x = empty_output({in.n, d}, in.x32.options());
-  float* gx = grad_x.data_ptr<float>();
-  at::parallel_for(0, in.n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float *xi = xp + i * d, *gi = gp + i * d;
-      const float* e = ep + idx[i] * d;
-      float xx = 0.f, ee = 0.f, xe = 0.f, xg = 0.f, eg = 0.f;
-      for (int64_t j = 0; j < d; ++j) {
-        xx += xi[j] * xi[j], ee += e[j] * e[j], xe += xi[j] * e[j];
-        xg += xi[j] * gi[j], eg += e[j] * gi[j];
-      }
-      const float x_norm = std::sqrt(xx), e_norm = std::sqrt(ee);
-      float* out = gx + i * d;
-      if (x_norm == 0.f) {
-        for (int64_t j = 0; j < d; ++j) out[j] = gi[j] + commit * (xi[j] - e[j]);
-        continue;
-      }
-      const float inv_x = 1.f / x_norm, inv_e = e_norm > 0.f ? 1.f / e_norm : 0.f;
-      const float uq = xe * inv_x * inv_e, ug = xg * inv_x, qg = eg * inv_e;
-      const float sum_norm = std::sqrt(std::max(0.f, 2.f + 2.f * uq - (e_norm > 0.f ? 0.f : 1.f)));  // |u + q|
-      const float inv_sum = sum_norm > 0.f ? 1.f / sum_norm : 0.f;
-      const float wg = (ug + qg) * inv_sum, s = e_norm * inv_x;
-      // g - 2 w (w.g) + 2 u (q.g), with w = (u + q) / |u + q|, u = x / |x|, q = e / |e|
-      const float coef_u = (-2.f * wg * inv_sum + 2.f * qg) * inv_x, coef_q = -2.f * wg * inv_sum * inv_e;
-      for (int64_t j = 0; j < d; ++j)
-        out[j] = s * (gi[j] + coef_u * xi[j] + coef_q * e[j]) + commit * (xi[j] - e[j]);
+  at::Tensor grad_x = grad_x_by_row(in, 256, [&](const float* xi, const float* gi, const float* e, float* out) {
+    float xx = 0.f, ee = 0.f, xe = 0.f, xg = 0.f, eg = 0.f;
+    for (int64_t j = 0; j < d; ++j) {
+      xx += xi[j] * xi[j], ee += e[j] * e[j], xe += xi[j] * e[j];
+      xg += xi[j] * gi[j], eg += e[j] * gi[j];
     }
+    const float x_norm = std::sqrt(xx), e_norm = std::sqrt(ee);
+    if (x_norm == 0.f) {
+      for (int64_t j = 0; j < d; ++j) out[j] = gi[j] + commit * (xi[j] - e[j]);
+      return;
+    }
+    const float inv_x = 1.f / x_norm, inv_e = e_norm > 0.f ? 1.f / e_norm : 0.f;
+    const float uq = xe * inv_x * inv_e, ug = xg * inv_x, qg = eg * inv_e;
+    const float sum_norm = std::sqrt(std::max(0.f, 2.f + 2.f * uq - (e_norm > 0.f ? 0.f : 1.f)));  // |u + q|
+    const float inv_sum = sum_norm > 0.f ? 1.f / sum_norm : 0.f;
+    const float wg = (ug + qg) * inv_sum, s = e_norm * inv_x;
+    // g - 2 w (w.g) + 2 u (q.g), with w = (u + q) / |u + q|, u = x / |x|, q = e / |e|
+    const float coef_u = (-2.f * wg * inv_sum + 2.f * qg) * inv_x, coef_q = -2.f * wg * inv_sum * inv_e;
+    for (int64_t j = 0; j < d; ++j) out[j] = s * (gi[j] + coef_u * xi[j] + coef_q * e[j]) + commit * (xi[j] - e[j]);
   });
   return {grad_x.to(x.scalar_type()), grad_codebook.to(codebook.scalar_type())};
 }
