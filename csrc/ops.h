@@ -44,7 +44,7 @@ std::vector<at::Tensor> gumbel_quantize_backward(const at::Tensor& grad_quantize
                                                  const at::Tensor& tau, const at::Tensor& stats,
                                                  const c10::optional<at::Tensor>& indices);
 
-// ---- VQ column: csrc/cpu/vq.cpp
+// ---- VQ column: csrc/cpu/vq.cpp (forward), csrc/cpu/vq_grad.cpp (backward)
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::Tensor& codebook);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize(const at::Tensor& x, const at::Tensor& codebook,
                                                                double beta);

@@ -176,6 +176,21 @@ def test_nearest_code_nan_and_inf(backend, k, d):
     check_nearest_code_nonfinite(k, d, "cpu")
 
 
+@pytest.mark.parametrize("estimator", ["ste", "rotation"])
+def test_vector_quantize_unused_codes_get_zero_gradient_from_an_infinite_loss_gradient(backend, estimator):
+    # The reference adds the rows' terms into zeros: a code no row chose gets exactly 0,
+    # never inf * 0 = NaN, whatever the loss's gradient.
+    backward = "vector_quantize_rotation_backward" if estimator == "rotation" else "vector_quantize_backward"
+    requires(backend, "vector_quantize", backward)
+    x, codebook = randn(6, 3), randn(8, 3)
+    codebook[5:] += 100.0  # far from every row: never chosen
+    codebook.requires_grad_(True)
+    _, indices, loss = fastvae.vector_quantize(x, codebook, estimator=estimator)
+    (loss * INF).backward()
+    assert not (indices >= 5).any()
+    assert torch.equal(codebook.grad[5:], torch.zeros(3, 3))
+
+
 def check_nearest_code_overflowing_expansion(d, device):
     """Points 1e17 apart around a centre 2e19 out: ||e||^2 and x.e overflow float32, the
     distances (~1e34) do not."""

@@ -241,6 +241,18 @@ def test_bad_input_raises(backend):
         fastvae.vector_quantize(x, codebook, beta="0.25")
 
 
+def test_native_backwards_check_indices_before_reading_codes():
+    # The kernels called directly (fastvae.ops never passes such indices): an index outside
+    # the codebook, or fewer indices than rows, raises instead of reading out of bounds.
+    native = pytest.importorskip("fastvae._native")
+    x, codebook, grad = torch.randn(6, 3), torch.randn(4, 3), torch.randn(6, 3)
+    for backward in (native.vector_quantize_backward, native.vector_quantize_rotation_backward):
+        with pytest.raises(RuntimeError, match="out of range"):
+            backward(grad, torch.tensor(1.0), x, codebook, torch.tensor([0, 1, 2, 3, 2**40, 0]), 0.25)
+        with pytest.raises(RuntimeError, match=r"indices \(N,\)"):
+            backward(grad, torch.tensor(1.0), x, codebook, torch.zeros(5, dtype=torch.long), 0.25)
+
+
 _PEAK_SCRIPT = textwrap.dedent("""
     import json, resource, sys, torch, fastvae
     n, k, d = 200000, 16384, 8

@@ -25,11 +25,11 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "../common.h"
 #include "../ops.h"
+#include "float_limits.h"
 #include "rows.h"
 #include "simd.h"
 
@@ -45,8 +45,6 @@ enum class Mode { kSoft, kHard, kBackward, kBackwardFromSample };
 
 constexpr int kWideChunk = 4 * kLanes;  // columns per step of rows_in_lanes (kLanes quads)
 constexpr int kTileChunk = 16;          // columns per online-softmax step of rows_across_lanes
-constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct GumbelProblem {
   uint64_t seed;

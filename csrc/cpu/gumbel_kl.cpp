@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "../common.h"
 #include "../ops.h"
+#include "float_limits.h"
 #include "rows.h"
 #include "simd.h"
 
@@ -18,9 +18,6 @@ namespace {
 using simd::kLanes;
 using simd::VecF;
 using simd::VecI;
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // KL(softmax(x) || softmax(q)) of one row, from rows loaded as float and padded with -inf
 // to a multiple of kLanes; q is null for the uniform prior. Two sweeps: the maxima, then

@@ -1,5 +1,5 @@
-// VQ column, C++ CPU backward kernels beyond the straight-through one of vq.cpp: the
-// rotation-trick estimator of vector_quantize, and residual_quantize's backward.
+// VQ column, C++ CPU backward kernels: vector_quantize's straight-through and
+// rotation-trick estimators, residual_quantize's backward and its EMA statistics.
 #include <cmath>
 
 #include "../common.h"
@@ -9,30 +9,87 @@
 namespace fastvae {
 namespace {
 
-// grad_codebook[c] = -scale * sum over the rows i of code c of (x_i - e_c), in row order.
-at::Tensor codebook_term_grad(const float* xp, const float* ep, const int64_t* idx, int64_t n, int64_t k, int64_t d,
-                              float scale, const at::TensorOptions& options, const char* op) {
-  const Segments segments(idx, n, k, op);
-  at::Tensor grad = at::empty({k, d}, options);
-  float* gc = grad.data_ptr<float>();
-  segment_sums(
-      segments, k, d,
-      [&](int64_t i, float* acc) {
-        const float *xi = xp + i * d, *e = ep + idx[i] * d;
-        for (int64_t j = 0; j < d; ++j) acc[j] += xi[j] - e[j];
-      },
-      [&](int64_t c, const float* acc) {
-        for (int64_t j = 0; j < d; ++j) gc[c * d + j] = -scale * acc[j];
-      });
-  return grad;
-}
-
 float grad_scale(const at::Tensor& grad_loss, int64_t elements) {  // d mse / d (x - e) per unit of grad_loss
   return static_cast<float>(2.0 * grad_loss.to(at::kDouble).item<double>() /
                             static_cast<double>(std::max<int64_t>(elements, 1)));
 }
 
+// What vector_quantize's backwards read: the operands, checked, in float32 (contiguous),
+// and the scales of the codebook term (grad_scale) and of the commitment term (beta x it).
+struct QuantizeBackward {
+  const char* op;
+  int64_t n, d, k;
+  at::Tensor x32, grad32, codebook32, contiguous_indices;  // kept alive for the pointers below
+  const float *xp, *gp, *ep;
+  const int64_t* idx;
+  float scale, commit;
+
+  QuantizeBackward(const at::Tensor& grad_quantized, const at::Tensor& grad_loss, const at::Tensor& x,
+                   const at::Tensor& codebook, const at::Tensor& indices, double beta, const char* op_name)
+      : op(op_name) {
+    check_cpu(x, "x");
+    check_cpu(codebook, "codebook");
+    TORCH_CHECK(x.dim() == 2 && codebook.dim() == 2 && x.size(1) == codebook.size(1) && indices.numel() == x.size(0),
+                op, ": x must be (N, D), codebook (K, D), indices (N,)");
+    n = x.size(0), d = x.size(1), k = codebook.size(0);
+    x32 = x.to(at::kFloat).contiguous(), grad32 = grad_quantized.to(at::kFloat).contiguous();
+    codebook32 = codebook.to(at::kFloat).contiguous(), contiguous_indices = indices.contiguous();
+    xp = x32.data_ptr<float>(), gp = grad32.data_ptr<float>(), ep = codebook32.data_ptr<float>();
+    idx = contiguous_indices.data_ptr<int64_t>();
+    scale = grad_scale(grad_loss, n * d), commit = static_cast<float>(beta) * scale;
+  }
+};
+
+// grad_codebook[c] = -scale * sum over the rows i of code c of (x_i - e_c), in row order.
+// It checks every index (Segments), so a backward computes it before reading codes at them.
+at::Tensor codebook_term_grad(const QuantizeBackward& in) {
+  const Segments segments(in.idx, in.n, in.k, in.op);
+  const int64_t d = in.d;
+  at::Tensor grad = at::empty({in.k, d}, in.x32.options());
+  float* gc = grad.data_ptr<float>();
+  segment_sums(
+      segments, in.k, d,
+      [&](int64_t i, float* acc) {
+        const float *xi = in.xp + i * d, *e = in.ep + in.idx[i] * d;
+        for (int64_t j = 0; j < d; ++j) acc[j] += xi[j] - e[j];
+      },
+      [&](int64_t c, const float* acc) {  // an unused code: 0, whatever the scale (inf, NaN)
+        const float code_scale = segments.count(c) > 0 ? -in.scale : 0.f;
+        for (int64_t j = 0; j < d; ++j) gc[c * d + j] = code_scale * acc[j];
+      });
+  return grad;
+}
+
+// grad_x (float32, (N, D)): row_grad(xi, gi, e, out) writes row i's gradient to out from
+// its x, its grad_quantized and its code; rows in parallel, grain rows at least per task.
+template <typename RowGrad>
+at::Tensor grad_x_by_row(const QuantizeBackward& in, int64_t grain, const RowGrad& row_grad) {
+  const int64_t d = in.d;
+  at::Tensor grad_x = empty_output({in.n, d}, in.x32.options());
+  float* gx = grad_x.data_ptr<float>();
+  at::parallel_for(0, in.n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) row_grad(in.xp + i * d, in.gp + i * d, in.ep + in.idx[i] * d, gx + i * d);
+  });
+  return grad_x;
+}
+
 }  // namespace
+
+// Straight-through: grad_x = g + beta s (x - e), grad_codebook[c] = -s sum over the rows of
+// code c of (x - e), s = 2 grad_loss / (N D).
+std::tuple<at::Tensor, at::Tensor> vector_quantize_backward(const at::Tensor& grad_quantized,
+                                                            const at::Tensor& grad_loss, const at::Tensor& x,
+                                                            const at::Tensor& codebook, const at::Tensor& indices,
+                                                            double beta) {
+  const QuantizeBackward in(grad_quantized, grad_loss, x, codebook, indices, beta, "vector_quantize_backward");
+  at::Tensor grad_codebook = codebook_term_grad(in);
+  const int64_t d = in.d;
+  const float commit = in.commit;
+  at::Tensor grad_x = grad_x_by_row(in, 1024, [&](const float* xi, const float* gi, const float* e, float* out) {
+    for (int64_t j = 0; j < d; ++j) out[j] = gi[j] + commit * (xi[j] - e[j]);
+  });
+  return {grad_x.to(x.scalar_type()), grad_codebook.to(codebook.scalar_type())};
+}
 
 // Rotation trick (Fifty et al. 2024): with u = x/|x|, q = e/|e|, w = (u + q)/|u + q| (all
 // constants), the output is |e|/|x| (x - 2 (x.w) w + 2 (x.u) q), equal to e in value, so
@@ -43,48 +100,31 @@ std::tuple<at::Tensor, at::Tensor> vector_quantize_rotation_backward(const at::T
                                                                      const at::Tensor& grad_loss, const at::Tensor& x,
                                                                      const at::Tensor& codebook,
                                                                      const at::Tensor& indices, double beta) {
-  check_cpu(x, "x");
-  check_cpu(codebook, "codebook");
-  TORCH_CHECK(x.dim() == 2 && codebook.dim() == 2 && x.size(1) == codebook.size(1) && indices.numel() == x.size(0),
-              "vector_quantize_rotation_backward: x must be (N, D), codebook (K, D), indices (N,)");
-  const int64_t n = x.size(0), d = x.size(1), k = codebook.size(0);
-  const at::Tensor xf = x.to(at::kFloat).contiguous(), gq = grad_quantized.to(at::kFloat).contiguous();
-  const at::Tensor cbf = codebook.to(at::kFloat).contiguous(), idx_t = indices.contiguous();
-  const float scale = grad_scale(grad_loss, n * d), commit = static_cast<float>(beta) * scale;
-  const float *xp = xf.data_ptr<float>(), *gp = gq.data_ptr<float>(), *ep = cbf.data_ptr<float>();
-  const int64_t* idx = idx_t.data_ptr<int64_t>();
-  at::Tensor grad_x = empty_output({n, d}, xf.options());
-  float* gx = grad_x.data_ptr<float>();
-  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float *xi = xp + i * d, *gi = gp + i * d;
-      const int64_t c = idx[i];
-      TORCH_CHECK(c >= 0 && c < k, "vector_quantize_rotation_backward: index out of range");
-      const float* e = ep + c * d;
-      float xx = 0.f, ee = 0.f, xe = 0.f, xg = 0.f, eg = 0.f;
-      for (int64_t j = 0; j < d; ++j) {
-        xx += xi[j] * xi[j], ee += e[j] * e[j], xe += xi[j] * e[j];
-        xg += xi[j] * gi[j], eg += e[j] * gi[j];
-      }
-      const float x_norm = std::sqrt(xx), e_norm = std::sqrt(ee);
-      float* out = gx + i * d;
-      if (x_norm == 0.f) {
-        for (int64_t j = 0; j < d; ++j) out[j] = gi[j] + commit * (xi[j] - e[j]);
-        continue;
-      }
-      const float inv_x = 1.f / x_norm, inv_e = e_norm > 0.f ? 1.f / e_norm : 0.f;
-      const float uq = xe * inv_x * inv_e, ug = xg * inv_x, qg = eg * inv_e;
-      const float sum_norm = std::sqrt(std::max(0.f, 2.f + 2.f * uq - (e_norm > 0.f ? 0.f : 1.f)));  // |u + q|
-      const float inv_sum = sum_norm > 0.f ? 1.f / sum_norm : 0.f;
-      const float wg = (ug + qg) * inv_sum, s = e_norm * inv_x;
-      // g - 2 w (w.g) + 2 u (q.g), with w = (u + q) / |u + q|, u = x / |x|, q = e / |e|
-      const float coef_u = (-2.f * wg * inv_sum + 2.f * qg) * inv_x, coef_q = -2.f * wg * inv_sum * inv_e;
-      for (int64_t j = 0; j < d; ++j)
-        out[j] = s * (gi[j] + coef_u * xi[j] + coef_q * e[j]) + commit * (xi[j] - e[j]);
+  const QuantizeBackward in(grad_quantized, grad_loss, x, codebook, indices, beta,
+                            "vector_quantize_rotation_backward");
+  at::Tensor grad_codebook = codebook_term_grad(in);
+  const int64_t d = in.d;
+  const float commit = in.commit;
+  at::Tensor grad_x = grad_x_by_row(in, 256, [&](const float* xi, const float* gi, const float* e, float* out) {
+    float xx = 0.f, ee = 0.f, xe = 0.f, xg = 0.f, eg = 0.f;
+    for (int64_t j = 0; j < d; ++j) {
+      xx += xi[j] * xi[j], ee += e[j] * e[j], xe += xi[j] * e[j];
+      xg += xi[j] * gi[j], eg += e[j] * gi[j];
     }
+    const float x_norm = std::sqrt(xx), e_norm = std::sqrt(ee);
+    if (x_norm == 0.f) {
+      for (int64_t j = 0; j < d; ++j) out[j] = gi[j] + commit * (xi[j] - e[j]);
+      return;
+    }
+    const float inv_x = 1.f / x_norm, inv_e = e_norm > 0.f ? 1.f / e_norm : 0.f;
+    const float uq = xe * inv_x * inv_e, ug = xg * inv_x, qg = eg * inv_e;
+    const float sum_norm = std::sqrt(std::max(0.f, 2.f + 2.f * uq - (e_norm > 0.f ? 0.f : 1.f)));  // |u + q|
+    const float inv_sum = sum_norm > 0.f ? 1.f / sum_norm : 0.f;
+    const float wg = (ug + qg) * inv_sum, s = e_norm * inv_x;
+    // g - 2 w (w.g) + 2 u (q.g), with w = (u + q) / |u + q|, u = x / |x|, q = e / |e|
+    const float coef_u = (-2.f * wg * inv_sum + 2.f * qg) * inv_x, coef_q = -2.f * wg * inv_sum * inv_e;
+    for (int64_t j = 0; j < d; ++j) out[j] = s * (gi[j] + coef_u * xi[j] + coef_q * e[j]) + commit * (xi[j] - e[j]);
   });
-  at::Tensor grad_codebook =
-      codebook_term_grad(xp, ep, idx, n, k, d, scale, xf.options(), "vector_quantize_rotation_backward");
   return {grad_x.to(x.scalar_type()), grad_codebook.to(codebook.scalar_type())};
 }
 

@@ -1,4 +1,4 @@
-// The VQ search's SIMD register (csrc/cpu/vq.cpp): one register of float lanes at the
+// The VQ search's SIMD register (csrc/cpu/vq_search.cpp): one register of float lanes at the
 // level's ISA, 16 with AVX-512, 8 with AVX2, 4 at the x86-64 baseline (SSE2) and
 // elsewhere, and the few lane operations the search needs, each one or a few
 // instructions of that ISA (GCC lowers a vector wider than the ISA's registers through
