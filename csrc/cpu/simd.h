@@ -124,15 +124,27 @@ FASTVAE_VEC_INLINE float horizontal_sum(VecF v) {
 // the odd lanes, each in the low half of a 64-bit lane (the high half is don't-care):
 // SSE2 and AVX2 multiply the low words of 64-bit lanes into full products, so in this
 // layout a round needs no shuffles, and the two registers make independent chains that
-// overlap.
+// overlap. A PhiloxWord holds kSets such VecUs, kSets kLanes counters: each set's round
+// waits on a multiply, a shuffle and an xor, so one set alone leaves an SSE2 core idle
+// most of the time (its next set is too far ahead for the out-of-order window), and
+// sets side by side fill it.
 typedef uint64_t VecU64 __attribute__((vector_size(4 * kLanes)));
 
+template <int kSets>
 struct PhiloxWord {
-  VecU64 even, odd;
+  VecU64 even[kSets], odd[kSets];
 };
-FASTVAE_VEC_INLINE PhiloxWord operator^(PhiloxWord a, PhiloxWord b) { return {a.even ^ b.even, a.odd ^ b.odd}; }
-FASTVAE_VEC_INLINE PhiloxWord operator^(PhiloxWord a, uint32_t key) {
-  return {a.even ^ static_cast<uint64_t>(key), a.odd ^ static_cast<uint64_t>(key)};
+template <int kSets>
+FASTVAE_VEC_INLINE PhiloxWord<kSets> operator^(PhiloxWord<kSets> a, PhiloxWord<kSets> b) {
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s) a.even[s] ^= b.even[s], a.odd[s] ^= b.odd[s];
+  return a;
+}
+template <int kSets>
+FASTVAE_VEC_INLINE PhiloxWord<kSets> operator^(PhiloxWord<kSets> a, uint32_t key) {
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s) a.even[s] ^= static_cast<uint64_t>(key), a.odd[s] ^= static_cast<uint64_t>(key);
+  return a;
 }
 
 // The 64-bit products of the low words of a's lanes and factor.
@@ -156,23 +168,58 @@ FASTVAE_VEC_INLINE VecU64 multiply_low_words(VecU64 a, uint32_t factor) {
 #endif
 }
 
+// The high word of each 64-bit lane moved to the low half (the low word, now in the high
+// half, is don't-care): one shuffle, where a shift needs a copy first in SSE2's
+// two-operand form.
+FASTVAE_VEC_INLINE VecU64 high_words_down(VecU64 a) {
+#if defined(__AVX2__)
+  return (VecU64)__builtin_shufflevector((VecU)a, (VecU)a, 1, 0, 3, 2, 5, 4, 7, 6);
+#else
+  return (VecU64)__builtin_shufflevector((VecU)a, (VecU)a, 1, 0, 3, 2);
+#endif
+}
+
 // philox_rounds' mulhilo: the product's low word stays in place, its high word moves down.
-FASTVAE_VEC_INLINE PhiloxWord mulhilo(PhiloxWord a, uint32_t factor, PhiloxWord* lo) {
-  lo->even = multiply_low_words(a.even, factor);
-  lo->odd = multiply_low_words(a.odd, factor);
-  return {lo->even >> 32, lo->odd >> 32};
+template <int kSets>
+FASTVAE_VEC_INLINE PhiloxWord<kSets> mulhilo(PhiloxWord<kSets> a, uint32_t factor, PhiloxWord<kSets>* lo) {
+  PhiloxWord<kSets> hi;
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s) {
+    lo->even[s] = multiply_low_words(a.even[s], factor);
+    lo->odd[s] = multiply_low_words(a.odd[s], factor);
+    hi.even[s] = high_words_down(lo->even[s]);
+    hi.odd[s] = high_words_down(lo->odd[s]);
+  }
+  return hi;
 }
 
-// philox4x32_10 of philox.h on kLanes counters (c0, c1, c2, 0) at once; out[k] is lane k.
+// philox4x32_10 of philox.h on kSets kLanes counters (c0, c1, c2, 0) at once; out[s][k] is
+// lane k of set s.
+template <int kSets>
+FASTVAE_VEC_INLINE void philox(uint64_t seed, const VecU (&c0)[kSets], const VecU (&c1)[kSets],
+                               const VecU (&c2)[kSets], VecU (&out)[kSets][4]) {
+  PhiloxWord<kSets> w[4] = {};
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s) {
+    const VecU c[3] = {c0[s], c1[s], c2[s]};
+    for (int k = 0; k < 3; ++k) w[k].even[s] = (VecU64)c[k], w[k].odd[s] = (VecU64)c[k] >> 32;
+  }
+  philox_rounds(w[0], w[1], w[2], w[3], seed,
+                [](PhiloxWord<kSets> a, uint32_t b, PhiloxWord<kSets>* lo) { return mulhilo(a, b, lo); });
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s)
+    for (int k = 0; k < 4; ++k) out[s][k] = (VecU)((w[k].even[s] & 0xffffffffu) | (w[k].odd[s] << 32));
+}
 FASTVAE_VEC_INLINE void philox(uint64_t seed, VecU c0, VecU c1, VecU c2, VecU out[4]) {
-  auto split = [](VecU c) { return PhiloxWord{(VecU64)c, (VecU64)c >> 32}; };
-  PhiloxWord w[4] = {split(c0), split(c1), split(c2), PhiloxWord{}};
-  philox_rounds(w[0], w[1], w[2], w[3], seed, [](PhiloxWord a, uint32_t b, PhiloxWord* lo) { return mulhilo(a, b, lo); });
-  for (int k = 0; k < 4; ++k) out[k] = (VecU)((w[k].even & 0xffffffffu) | (w[k].odd << 32));
+  VecU sets_out[1][4];
+  philox<1>(seed, {c0}, {c1}, {c2}, sets_out);
+  for (int k = 0; k < 4; ++k) out[k] = sets_out[0][k];
 }
 
-// uint_to_uniform of philox.h on kLanes draws.
-FASTVAE_VEC_INLINE VecF uniform(VecU bits) { return __builtin_convertvector((VecI)(bits >> 9), VecF) * 0x1p-23f + 0x1p-24f; }
+// uint_to_uniform of philox.h on kLanes draws, bit for bit: the 23 bits as the mantissa of
+// a float in [1, 2) less 1 - 2^-24, exact as the result is a float32 (three instructions
+// where the int-to-float conversion takes four).
+FASTVAE_VEC_INLINE VecF uniform(VecU bits) { return (VecF)((bits >> 9) | 0x3f800000u) - (1.0f - 0x1p-24f); }
 
 // Gumbel(0, 1) noise -log(-log(u)) from raw draws.
 FASTVAE_VEC_INLINE VecF gumbel_from_bits(VecU bits) { return -vecmath::log(-vecmath::log(uniform(bits))); }
