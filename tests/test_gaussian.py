@@ -287,6 +287,22 @@ def test_gaussian_kl_where_exp_leaves_the_normal_floats(backend):
     assert_close(kl, reference.gaussian_kl(*as64(mu, logvar), None, None, "none").float(), torch.float32)
 
 
+def test_gaussian_kl_just_past_the_cheap_exp_range(backend):
+    """The cheap exp covers |x| <= 87; a log-variance just past it either way (exp still a
+    finite float32: 88.5 gives 2.7e38, -88.5 a subnormal) or NaN is noticed, and its block
+    redone with the full-range exp."""
+    requires(backend, "gaussian_kl")
+    mu, logvar = randn(2, 600), randn(2, 600)
+    logvar[0, 7], logvar[0, 550], logvar[1, 40], logvar[1, 590] = 87.5, -87.5, 88.5, -88.5
+    kl = torch.ops.fastvae.gaussian_kl(mu, logvar, None, None, "none")
+    expected = reference.gaussian_kl(*as64(mu, logvar), None, None, "none")
+    assert torch.isfinite(kl).all()
+    assert_close(kl, expected, torch.float32)
+    logvar[1, 100] = float("nan")
+    kl = torch.ops.fastvae.gaussian_kl(mu, logvar, None, None, "none")
+    assert torch.isnan(kl[1, 100]) and torch.isnan(kl).sum() == 1
+
+
 def test_samples_where_std_leaves_the_normal_floats(backend):
     """Blocks holding a log-variance whose std = exp(logvar / 2) is subnormal or overflows
     take the full-range exp: with mu = 0 there, z = std * eps is that subnormal (to its

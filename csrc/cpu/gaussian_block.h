@@ -26,12 +26,19 @@ using FloatsOut = float* __restrict;
 // kNormalRange: with it, the cheap exp runs while any |argument| > 87 (or NaN) is noted,
 // and the function returns false when the block must be redone with the full-range exp;
 // with_cheap_exp_first does both.
+//
+// The note: the sign bit of *outside gets set where |x| > 87 or x is NaN, as |x|'s bits
+// plus 2^31 - 1 - 87.0f's bits carry into it (three SSE2 instructions; a comparison and
+// its conversion to an integer take four).
 template <bool kNormalRange>
-FASTVAE_VECMATH float exp_of(float x, int32_t* outside) {
+FASTVAE_VECMATH float exp_of(float x, uint32_t* outside) {
   if constexpr (!kNormalRange) return vecmath::exp(x);
-  *outside |= !(std::fabs(x) <= 87.0f);
+  *outside |= (vecmath::Lanes<float>::bits(x) & 0x7fffffffu) + (0x7fffffffu - 0x42ae0000u);  // 87.0f
   return vecmath::exp_normal_range(x);
 }
+
+// Whether the arguments behind an exp_of note all lay inside the cheap exp's range.
+FASTVAE_VECMATH bool all_in_range(uint32_t outside) { return (outside >> 31) == 0; }
 
 // body(std::true_type{}) runs a block with the cheap exp; body(std::false_type{}) redoes it.
 template <typename Body>
@@ -41,38 +48,38 @@ void with_cheap_exp_first(const Body& body) {
 
 template <bool kNormalRange>
 bool sample(Floats m, Floats v, Floats eps, FloatsOut z, int64_t len) {
-  int32_t outside = 0;
+  uint32_t outside = 0;
   for (int64_t j = 0; j < len; ++j) z[j] = m[j] + exp_of<kNormalRange>(0.5f * v[j], &outside) * eps[j];
-  return outside == 0;
+  return all_in_range(outside);
 }
 
 template <bool kNormalRange>
 bool sample_and_kl(Floats m, Floats v, Floats eps, FloatsOut z, FloatsOut kl, int64_t len) {
-  int32_t outside = 0;
+  uint32_t outside = 0;
   for (int64_t j = 0; j < len; ++j) {
     const float std_dev = exp_of<kNormalRange>(0.5f * v[j], &outside);  // exp(logvar) = std^2 shares the one exp
     z[j] = m[j] + std_dev * eps[j];
     kl[j] = 0.5f * (std_dev * std_dev + m[j] * m[j] - 1.0f - v[j]);
   }
-  return outside == 0;
+  return all_in_range(outside);
 }
 
 template <bool kNormalRange>
 bool kl_standard(Floats m, Floats v, FloatsOut kl, int64_t len) {
-  int32_t outside = 0;
+  uint32_t outside = 0;
   for (int64_t j = 0; j < len; ++j) kl[j] = 0.5f * (exp_of<kNormalRange>(v[j], &outside) + m[j] * m[j] - 1.0f - v[j]);
-  return outside == 0;
+  return all_in_range(outside);
 }
 
 template <bool kNormalRange>
 bool kl_prior(Floats m, Floats v, Floats pm, Floats plv, FloatsOut kl, int64_t len) {
-  int32_t outside = 0;
+  uint32_t outside = 0;
   for (int64_t j = 0; j < len; ++j) {
     const float diff = m[j] - pm[j];
     const float var = exp_of<kNormalRange>(v[j], &outside), inv_prior_var = exp_of<kNormalRange>(-plv[j], &outside);
     kl[j] = 0.5f * (plv[j] - v[j] + (var + diff * diff) * inv_prior_var - 1.0f);
   }
-  return outside == 0;
+  return all_in_range(outside);
 }
 
 // Backward gradients take the block's scaled noise `noise` = std * eps (see scaled_noise).
@@ -83,30 +90,30 @@ inline void sample_grad(Floats gz, Floats noise, FloatsOut g_lv, int64_t len) {
 template <bool kNormalRange>
 bool sample_and_kl_grad(Floats gz, Floats gk, float scale, Floats m, Floats v, Floats noise, FloatsOut g_mu,
                         FloatsOut g_lv, int64_t len) {
-  int32_t outside = 0;
+  uint32_t outside = 0;
   for (int64_t j = 0; j < len; ++j) {
     const float gs = gk[j] * scale;
     g_mu[j] = gz[j] + gs * m[j];
     g_lv[j] = 0.5f * (gz[j] * noise[j] + gs * (exp_of<kNormalRange>(v[j], &outside) - 1.0f));
   }
-  return outside == 0;
+  return all_in_range(outside);
 }
 
 template <bool kNormalRange>
 bool kl_standard_grad(Floats gk, float scale, Floats m, Floats v, FloatsOut g_mu, FloatsOut g_lv, int64_t len) {
-  int32_t outside = 0;
+  uint32_t outside = 0;
   for (int64_t j = 0; j < len; ++j) {
     const float gs = gk[j] * scale;
     g_mu[j] = gs * m[j];
     g_lv[j] = 0.5f * gs * (exp_of<kNormalRange>(v[j], &outside) - 1.0f);
   }
-  return outside == 0;
+  return all_in_range(outside);
 }
 
 template <bool kNormalRange>
 bool kl_prior_grad(Floats gk, float scale, Floats m, Floats v, Floats pm, Floats plv, FloatsOut g_mu,
                    FloatsOut g_lv, FloatsOut g_pm, FloatsOut g_plv, int64_t len) {
-  int32_t outside = 0;
+  uint32_t outside = 0;
   for (int64_t j = 0; j < len; ++j) {
     const float gs = gk[j] * scale, diff = m[j] - pm[j], inv_prior_var = exp_of<kNormalRange>(-plv[j], &outside);
     const float gm = gs * diff * inv_prior_var;
@@ -116,7 +123,7 @@ bool kl_prior_grad(Floats gk, float scale, Floats m, Floats v, Floats pm, Floats
     g_pm[j] = -gm;
     g_plv[j] = -glv - 0.5f * diff * gm;
   }
-  return outside == 0;
+  return all_in_range(outside);
 }
 
 // The backward's std * eps for a block. Regenerating eps costs about as much as the
@@ -128,9 +135,9 @@ bool kl_prior_grad(Floats gk, float scale, Floats m, Floats v, Floats pm, Floats
 // block's few such groups together, or the whole block when they are many.
 template <bool kNormalRange>
 bool scale_noise(Floats v, Floats eps, FloatsOut noise, int64_t len) {
-  int32_t outside = 0;
+  uint32_t outside = 0;
   for (int64_t j = 0; j < len; ++j) noise[j] = exp_of<kNormalRange>(0.5f * v[j], &outside) * eps[j];
-  return outside == 0;
+  return all_in_range(outside);
 }
 
 inline void regenerated_noise(uint64_t seed, int64_t begin, int64_t len, Floats v, FloatsOut noise) {

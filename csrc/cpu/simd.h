@@ -9,6 +9,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "../philox.h"
 #include "vecmath.h"
@@ -36,11 +37,29 @@ typedef int32_t VecI __attribute__((vector_size(4 * kLanes)));
 
 FASTVAE_VEC_INLINE VecF splat(float v) { return VecF{} + v; }
 FASTVAE_VEC_INLINE VecU splat_u(uint32_t v) { return VecU{} + v; }
-#if defined(__AVX2__)
-FASTVAE_VEC_INLINE VecI lane_index() { return VecI{0, 1, 2, 3, 4, 5, 6, 7}; }
-#else
-FASTVAE_VEC_INLINE VecI lane_index() { return VecI{0, 1, 2, 3}; }
-#endif
+
+// The vectors of kBytes: 32-bit float, int and uint lanes, 64-bit uint lanes.
+template <int kBytes>
+struct VectorsOf {
+  typedef float F __attribute__((vector_size(kBytes)));
+  typedef int32_t I __attribute__((vector_size(kBytes)));
+  typedef uint32_t U __attribute__((vector_size(kBytes)));
+  typedef uint64_t U64 __attribute__((vector_size(kBytes)));
+  static constexpr int kLanes32 = kBytes / 4;
+};
+// Those of vector type V's size.
+template <typename V>
+using SameSize = VectorsOf<sizeof(V)>;
+
+template <typename I, size_t... kLane>
+FASTVAE_VEC_INLINE I lane_index(std::index_sequence<kLane...>) {
+  return I{static_cast<int32_t>(kLane)...};
+}
+// 0, 1, 2, ... in the lanes of I (32-bit lanes).
+template <typename I = VecI>
+FASTVAE_VEC_INLINE I lane_index() {
+  return lane_index<I>(std::make_index_sequence<SameSize<I>::kLanes32>{});
+}
 
 FASTVAE_VEC_INLINE VecF load(const float* p) {
   VecF v;
@@ -60,15 +79,18 @@ FASTVAE_VEC_INLINE void store_first(float* p, VecF v, int64_t count) {
   if (count == kLanes) return store(p, v);
   std::memcpy(p, &v, sizeof(float) * count);
 }
-// p[0 .. 2 kLanes) = a0 b0 a1 b1 ... a(kLanes-1) b(kLanes-1)
-FASTVAE_VEC_INLINE void store(float* p, VecF a, VecF b) {
-#if defined(__AVX2__)
-  store(p, __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11));
-  store(p + kLanes, __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15));
-#else
-  store(p, __builtin_shufflevector(a, b, 0, 4, 1, 5));
-  store(p + kLanes, __builtin_shufflevector(a, b, 2, 6, 3, 7));
-#endif
+template <typename F, size_t... kLane>
+FASTVAE_VEC_INLINE void store(float* p, F a, F b, std::index_sequence<kLane...>) {
+  constexpr size_t n = sizeof(F) / 4;
+  const F low = __builtin_shufflevector(a, b, (kLane % 2 ? n + kLane / 2 : kLane / 2)...);
+  const F high = __builtin_shufflevector(a, b, (kLane % 2 ? n + n / 2 + kLane / 2 : n / 2 + kLane / 2)...);
+  std::memcpy(p, &low, sizeof low);
+  std::memcpy(p + n, &high, sizeof high);
+}
+// p[0 .. 2 n) = a0 b0 a1 b1 ... a(n-1) b(n-1), n the lanes of F (float lanes).
+template <typename F>
+FASTVAE_VEC_INLINE void store(float* p, F a, F b) {
+  store(p, a, b, std::make_index_sequence<SameSize<F>::kLanes32>{});
 }
 
 // mask ? a : b, per lane (mask lanes all ones or all zeros, as comparisons give).
@@ -120,59 +142,116 @@ FASTVAE_VEC_INLINE float horizontal_sum(VecF v) {
   return s;
 }
 
-// Philox's rounds see a VecU as two registers of kLanes / 2 counters, the even lanes and
-// the odd lanes, each in the low half of a 64-bit lane (the high half is don't-care):
-// SSE2 and AVX2 multiply the low words of 64-bit lanes into full products, so in this
+// Philox's rounds see a vector U of 32-bit counters as two registers of 64-bit lanes, the
+// even lanes and the odd lanes, each in the low half of a 64-bit lane (the high half is
+// don't-care): x86 multiplies the low words of 64-bit lanes into full products, so in this
 // layout a round needs no shuffles, and the two registers make independent chains that
-// overlap.
-typedef uint64_t VecU64 __attribute__((vector_size(4 * kLanes)));
-
+// overlap. A PhiloxWord holds kSets such Us: each set's round waits on a multiply, a
+// shuffle and an xor, so one set alone leaves an SSE2 core idle most of the time (its next
+// set is too far ahead for the out-of-order window), and sets side by side fill it.
+template <typename U, int kSets>
 struct PhiloxWord {
-  VecU64 even, odd;
+  typename SameSize<U>::U64 even[kSets], odd[kSets];
 };
-FASTVAE_VEC_INLINE PhiloxWord operator^(PhiloxWord a, PhiloxWord b) { return {a.even ^ b.even, a.odd ^ b.odd}; }
-FASTVAE_VEC_INLINE PhiloxWord operator^(PhiloxWord a, uint32_t key) {
-  return {a.even ^ static_cast<uint64_t>(key), a.odd ^ static_cast<uint64_t>(key)};
+template <typename U, int kSets>
+FASTVAE_VEC_INLINE PhiloxWord<U, kSets> operator^(PhiloxWord<U, kSets> a, PhiloxWord<U, kSets> b) {
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s) a.even[s] ^= b.even[s], a.odd[s] ^= b.odd[s];
+  return a;
+}
+template <typename U, int kSets>
+FASTVAE_VEC_INLINE PhiloxWord<U, kSets> operator^(PhiloxWord<U, kSets> a, uint32_t key) {
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s) a.even[s] ^= static_cast<uint64_t>(key), a.odd[s] ^= static_cast<uint64_t>(key);
+  return a;
 }
 
-// The 64-bit products of the low words of a's lanes and factor.
-FASTVAE_VEC_INLINE VecU64 multiply_low_words(VecU64 a, uint32_t factor) {
-#if defined(__AVX2__)
-  __m256i x;
-  std::memcpy(&x, &a, sizeof x);
-  const __m256i product = _mm256_mul_epu32(x, _mm256_set1_epi64x(factor));
-  VecU64 out;
-  std::memcpy(&out, &product, sizeof out);
-  return out;
-#elif defined(__SSE2__)
-  __m128i x;
-  std::memcpy(&x, &a, sizeof x);
-  const __m128i product = _mm_mul_epu32(x, _mm_set1_epi64x(factor));
-  VecU64 out;
-  std::memcpy(&out, &product, sizeof out);
-  return out;
-#else
+// The 64-bit products of the low words of a's lanes and factor: one instruction on x86's
+// registers (the overloads below), elsewhere the compiler's.
+template <typename U64>
+FASTVAE_VEC_INLINE U64 multiply_low_words(U64 a, uint32_t factor) {
   return (a & 0xffffffffu) * static_cast<uint64_t>(factor);
+}
+// `a` through an intrinsic's register type R.
+template <typename R, typename V, typename Op>
+FASTVAE_VEC_INLINE V through(V a, const Op& op) {
+  R r;
+  std::memcpy(&r, &a, sizeof r);
+  r = op(r);
+  std::memcpy(&a, &r, sizeof a);
+  return a;
+}
+#if defined(__SSE2__)
+FASTVAE_VEC_INLINE VectorsOf<16>::U64 multiply_low_words(VectorsOf<16>::U64 a, uint32_t factor) {
+  return through<__m128i>(a, [factor](__m128i x) { return _mm_mul_epu32(x, _mm_set1_epi64x(factor)); });
+}
 #endif
+#if defined(__AVX2__)
+FASTVAE_VEC_INLINE VectorsOf<32>::U64 multiply_low_words(VectorsOf<32>::U64 a, uint32_t factor) {
+  return through<__m256i>(a, [factor](__m256i x) { return _mm256_mul_epu32(x, _mm256_set1_epi64x(factor)); });
+}
+#endif
+#if defined(__AVX512F__)
+FASTVAE_VEC_INLINE VectorsOf<64>::U64 multiply_low_words(VectorsOf<64>::U64 a, uint32_t factor) {
+  return through<__m512i>(a, [factor](__m512i x) { return _mm512_mul_epu32(x, _mm512_set1_epi64(factor)); });
+}
+#endif
+
+// The high word of each 64-bit lane moved to the low half (the low word, now in the high
+// half, is don't-care): one shuffle, where a shift needs a copy first in SSE2's
+// two-operand form.
+template <typename U64, size_t... kLane>
+FASTVAE_VEC_INLINE U64 high_words_down(U64 a, std::index_sequence<kLane...>) {
+  const auto words = (typename SameSize<U64>::U)a;
+  return (U64)__builtin_shufflevector(words, words, (kLane ^ 1)...);
 }
 
 // philox_rounds' mulhilo: the product's low word stays in place, its high word moves down.
-FASTVAE_VEC_INLINE PhiloxWord mulhilo(PhiloxWord a, uint32_t factor, PhiloxWord* lo) {
-  lo->even = multiply_low_words(a.even, factor);
-  lo->odd = multiply_low_words(a.odd, factor);
-  return {lo->even >> 32, lo->odd >> 32};
+template <typename U, int kSets>
+FASTVAE_VEC_INLINE PhiloxWord<U, kSets> mulhilo(PhiloxWord<U, kSets> a, uint32_t factor, PhiloxWord<U, kSets>* lo) {
+  constexpr auto lanes = std::make_index_sequence<SameSize<U>::kLanes32>{};
+  PhiloxWord<U, kSets> hi;
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s) {
+    lo->even[s] = multiply_low_words(a.even[s], factor);
+    lo->odd[s] = multiply_low_words(a.odd[s], factor);
+    hi.even[s] = high_words_down(lo->even[s], lanes);
+    hi.odd[s] = high_words_down(lo->odd[s], lanes);
+  }
+  return hi;
 }
 
-// philox4x32_10 of philox.h on kLanes counters (c0, c1, c2, 0) at once; out[k] is lane k.
+// philox4x32_10 of philox.h on the counters (c0, c1, c2, 0) of kSets vectors U at once;
+// out[s][k] is lane k of set s.
+template <typename U, int kSets>
+FASTVAE_VEC_INLINE void philox(uint64_t seed, const U (&c0)[kSets], const U (&c1)[kSets], const U (&c2)[kSets],
+                               U (&out)[kSets][4]) {
+  using U64 = typename SameSize<U>::U64;
+  PhiloxWord<U, kSets> w[4] = {};
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s) {
+    const U c[3] = {c0[s], c1[s], c2[s]};
+    for (int k = 0; k < 3; ++k) w[k].even[s] = (U64)c[k], w[k].odd[s] = (U64)c[k] >> 32;
+  }
+  philox_rounds(w[0], w[1], w[2], w[3], seed,
+                [](PhiloxWord<U, kSets> a, uint32_t b, PhiloxWord<U, kSets>* lo) { return mulhilo(a, b, lo); });
+#pragma GCC unroll 4
+  for (int s = 0; s < kSets; ++s)
+    for (int k = 0; k < 4; ++k) out[s][k] = (U)((w[k].even[s] & 0xffffffffu) | (w[k].odd[s] << 32));
+}
 FASTVAE_VEC_INLINE void philox(uint64_t seed, VecU c0, VecU c1, VecU c2, VecU out[4]) {
-  auto split = [](VecU c) { return PhiloxWord{(VecU64)c, (VecU64)c >> 32}; };
-  PhiloxWord w[4] = {split(c0), split(c1), split(c2), PhiloxWord{}};
-  philox_rounds(w[0], w[1], w[2], w[3], seed, [](PhiloxWord a, uint32_t b, PhiloxWord* lo) { return mulhilo(a, b, lo); });
-  for (int k = 0; k < 4; ++k) out[k] = (VecU)((w[k].even & 0xffffffffu) | (w[k].odd << 32));
+  VecU sets_out[1][4];
+  philox<VecU, 1>(seed, {c0}, {c1}, {c2}, sets_out);
+  for (int k = 0; k < 4; ++k) out[k] = sets_out[0][k];
 }
 
-// uint_to_uniform of philox.h on kLanes draws.
-FASTVAE_VEC_INLINE VecF uniform(VecU bits) { return __builtin_convertvector((VecI)(bits >> 9), VecF) * 0x1p-23f + 0x1p-24f; }
+// uint_to_uniform of philox.h on a vector of draws, bit for bit: the 23 bits as the
+// mantissa of a float in [1, 2) less 1 - 2^-24, exact as the result is a float32 (three
+// instructions where the int-to-float conversion takes four).
+template <typename U>
+FASTVAE_VEC_INLINE typename SameSize<U>::F uniform(U bits) {
+  return (typename SameSize<U>::F)((bits >> 9) | 0x3f800000u) - (1.0f - 0x1p-24f);
+}
 
 // Gumbel(0, 1) noise -log(-log(u)) from raw draws.
 FASTVAE_VEC_INLINE VecF gumbel_from_bits(VecU bits) { return -vecmath::log(-vecmath::log(uniform(bits))); }
