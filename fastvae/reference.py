@@ -409,6 +409,7 @@ def vector_quantize_rotation_backward(grad_quantized, grad_loss, x, codebook, in
 
 # The fused Gumbel-quantize op's spec and the tokenizer ops' (residual VQ, segment sums) have
 # modules of their own (they import the helpers above).
-from ._reference_gumbel_quantize import gumbel_quantize, gumbel_quantize_backward  # noqa: E402,F401
+from ._reference_gumbel_quantize import (gumbel_quantize, gumbel_quantize_backward, gumbel_quantize_kl,  # noqa: E402,F401
+                                         gumbel_quantize_kl_backward)
 from ._reference_tokenizer import (residual_quantize, residual_quantize_backward,  # noqa: E402,F401
                                    residual_segment_sums, segment_mean)
