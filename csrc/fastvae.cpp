@@ -53,6 +53,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("categorical_kl_backward", &fastvae::categorical_kl_backward);
   m.def("gumbel_quantize", &fastvae::gumbel_quantize);
   m.def("gumbel_quantize_backward", &fastvae::gumbel_quantize_backward);
+  m.def("gumbel_quantize_kl", &fastvae::gumbel_quantize_kl);
+  m.def("gumbel_quantize_kl_backward", &fastvae::gumbel_quantize_kl_backward);
   // ---- VQ column
   m.def("nearest_code", &fastvae::nearest_code);
   m.def("vector_quantize", &fastvae::vector_quantize);

@@ -43,6 +43,18 @@ std::vector<at::Tensor> gumbel_quantize_backward(const at::Tensor& grad_quantize
                                                  const at::Tensor& codebook, const at::Tensor& seed,
                                                  const at::Tensor& tau, const at::Tensor& stats,
                                                  const c10::optional<at::Tensor>& indices);
+// gumbel_quantize with each row's KL(softmax(logits) || uniform) from the same pass (GumbelQuantizer's
+// loss): (quantized, indices, stats (N, 3) = (m, log_sum, logsumexp(logits)), kl (N,)); the backward
+// adds the KL's gradient (grad_kl (N,)) to the logits' gradient.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gumbel_quantize_kl(const at::Tensor& logits,
+                                                                              const at::Tensor& codebook,
+                                                                              const at::Tensor& seed,
+                                                                              const at::Tensor& tau, bool hard);
+std::vector<at::Tensor> gumbel_quantize_kl_backward(const at::Tensor& grad_quantized, const at::Tensor& grad_kl,
+                                                    const at::Tensor& logits, const at::Tensor& codebook,
+                                                    const at::Tensor& seed, const at::Tensor& tau,
+                                                    const at::Tensor& stats, const at::Tensor& kl,
+                                                    const c10::optional<at::Tensor>& indices);
 
 // ---- VQ column: csrc/cpu/vq.cpp (forward), csrc/cpu/vq_grad.cpp (backward)
 std::tuple<at::Tensor, at::Tensor> nearest_code(const at::Tensor& x, const at::Tensor& codebook);

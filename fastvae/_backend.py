@@ -33,6 +33,7 @@ OPS = (
     "reparameterize_kl", "reparameterize_kl_backward",
     "gumbel_softmax", "gumbel_softmax_backward", "gumbel_softmax_backward_from_sample",
     "categorical_kl", "categorical_kl_backward", "gumbel_quantize", "gumbel_quantize_backward",
+    "gumbel_quantize_kl", "gumbel_quantize_kl_backward",
     "nearest_code", "vector_quantize", "vector_quantize_backward", "vector_quantize_rotation_backward",
     "residual_quantize", "residual_quantize_backward", "residual_segment_sums", "segment_mean",
 )

@@ -10,12 +10,18 @@ kernels never write it.
 backward: ``m = max(logits + g)`` and ``log_sum = log sum exp((logits + g - m) / tau)``, so
 ``y = exp((logits + g - m) / tau - log_sum)``. This spec's backward recomputes ``y`` from
 the seed and does not read them.
+
+``gumbel_quantize_kl`` is ``gumbel_quantize`` with each row's ``KL(softmax(logits) || uniform)``
+(GumbelQuantizer's loss, :func:`fastvae.categorical_kl` with ``reduction="none"``), which
+the kernels take from the same pass over the row; its backward adds the KL's gradient to
+the logits'. Its ``stats`` have a third column, ``lse = logsumexp(logits)`` (the kernels
+rebuild ``log softmax(logits) = logits - lse`` from it).
 """
 import math
 
 import torch
 
-from .reference import _gumbel_soft, compute_dtype, inverse_tau
+from .reference import _categorical_terms, _gumbel_soft, categorical_kl_backward, compute_dtype, inverse_tau
 
 
 def _row_stats(perturbed, tau):
@@ -71,3 +77,25 @@ def gumbel_quantize_backward(grad_quantized, logits, codebook, seed, tau, stats,
         weights = torch.where(row_sum > 0, one_hot, row_sum) + (y - y.detach())
     grad_codebook = weights.t() @ g
     return [grad_logits.to(logits.dtype), grad_codebook.to(codebook.dtype), grad_tau]
+
+
+def gumbel_quantize_kl(logits, codebook, seed, tau, hard):
+    """``(quantized, indices, stats (N, 3), kl (N,))``: :func:`gumbel_quantize`'s outputs,
+    ``stats`` with ``logsumexp(logits)`` appended, and ``kl`` each row's
+    ``KL(softmax(logits) || uniform)`` (compute dtype; NaN for a row holding a NaN or ``+inf``,
+    0 for an all ``-inf`` row)."""
+    quantized, indices, stats = gumbel_quantize(logits, codebook, seed, tau, hard)
+    ct = compute_dtype(logits)
+    _, _, kl = _categorical_terms(logits, None)
+    lse = torch.logsumexp(logits.to(ct), dim=-1, keepdim=True)
+    return quantized, indices, torch.cat([stats, lse.to(stats.dtype)], dim=1), kl.to(ct)
+
+
+def gumbel_quantize_kl_backward(grad_quantized, grad_kl, logits, codebook, seed, tau, stats, kl, indices):
+    """:func:`gumbel_quantize_backward`'s gradients, the logits' plus the KL's:
+    ``grad_kl * p (log p - sum(p log p))`` per row, ``p = softmax(logits)``."""
+    grads = gumbel_quantize_backward(grad_quantized, logits, codebook, seed, tau, stats[:, :2], indices)
+    ct = compute_dtype(logits)
+    kl_grad = categorical_kl_backward(grad_kl.to(ct).expand(logits.shape[:1]), logits.to(ct), None, -1, "none")[0]
+    grads[0] = (grads[0].to(ct) + kl_grad).to(logits.dtype)
+    return grads

@@ -314,6 +314,7 @@ def categorical_kl_backward(grad, logits, prior_logits, dim, reduction):
 # segment sums) have modules of their own (they import the helpers above).
 from ._reference_vq import (nearest_code, vector_quantize, vector_quantize_backward,  # noqa: E402,F401
                             vector_quantize_rotation_backward)
-from ._reference_gumbel_quantize import gumbel_quantize, gumbel_quantize_backward  # noqa: E402,F401
+from ._reference_gumbel_quantize import (gumbel_quantize, gumbel_quantize_backward, gumbel_quantize_kl,  # noqa: E402,F401
+                                         gumbel_quantize_kl_backward)
 from ._reference_tokenizer import (residual_quantize, residual_quantize_backward,  # noqa: E402,F401
                                    residual_segment_sums, segment_mean)

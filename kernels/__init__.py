@@ -13,7 +13,8 @@ from .gaussian import (gaussian_kl, gaussian_kl_backward, reparameterize, repara
 from .gumbel import (  # noqa: E402,F401
     categorical_kl, categorical_kl_backward, gumbel_softmax, gumbel_softmax_backward,
     gumbel_softmax_backward_from_sample)
-from .gumbel_quantize import gumbel_quantize, gumbel_quantize_backward  # noqa: E402,F401
+from .gumbel_quantize import (gumbel_quantize, gumbel_quantize_backward, gumbel_quantize_kl,  # noqa: E402,F401
+                              gumbel_quantize_kl_backward)
 # ---- VQ column (kernels/vq.py, kernels/vq_backward.py, kernels/residual_vq.py)
 from .residual_vq import residual_quantize, residual_quantize_backward, residual_segment_sums  # noqa: E402,F401
 from .vq import nearest_code, vector_quantize  # noqa: E402,F401

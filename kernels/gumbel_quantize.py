@@ -18,6 +18,10 @@ seed (kernels/gumbel.py's ``_perturbed_tile``: the stream of ``fastvae.reference
   atomics): ``sum over rows of w^T grad`` with ``w`` the forward's weights (``y``, or the
   one-hot rows of the hard sample).
 
+``gumbel_quantize_kl`` (GumbelQuantizer's op: the sample and each row's KL to the uniform
+prior) runs ``gumbel_quantize`` and kernels/gumbel.py's KL kernel one after the other (two
+reads of the logits each way where the native kernel takes one; a fused kernel is untried).
+
 Products run in float32 (``input_precision="ieee"``: the spec's precision; TF32 would be
 faster on a GPU, untried). A row holding a NaN or ``+inf`` logit gives NaN, an all ``-inf``
 row zeros, as the reference.
@@ -26,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gumbel import _MIN_FLOAT, _perturbed_tile
+from .gumbel import _MIN_FLOAT, _categorical_kl_rows, _perturbed_tile
 
 _BLOCK_R = 16  # rows per program (tl.dot needs at least 16)
 _BLOCK_Q = 8  # quads per code tile: 32 codes
@@ -207,3 +211,17 @@ def gumbel_quantize_backward(grad_quantized, logits, codebook, seed, tau, stats,
         HARD=indices is not None, BLOCK_R=_BLOCK_R, BLOCK_Q=_BLOCK_Q, BLOCK_D=_block_d(d))
     grad_tau = tau_parts.sum(dtype=torch.float64).reshape(tau.shape).to(tau.dtype)
     return [grad_logits.to(logits.dtype), grad_codebook.to(codebook.dtype), grad_tau]
+
+
+def gumbel_quantize_kl(logits, codebook, seed, tau, hard):
+    quantized, indices, stats = gumbel_quantize(logits, codebook, seed, tau, hard)
+    kl = _categorical_kl_rows(logits, None, 1)
+    lse = torch.logsumexp(logits.to(torch.float32), dim=1, keepdim=True)
+    return quantized, indices, torch.cat([stats, lse], dim=1), kl
+
+
+def gumbel_quantize_kl_backward(grad_quantized, grad_kl, logits, codebook, seed, tau, stats, kl, indices):
+    grads = gumbel_quantize_backward(grad_quantized, logits, codebook, seed, tau, stats[:, :2].contiguous(), indices)
+    row_grad = grad_kl.to(torch.float32).expand(logits.shape[:1]).contiguous()
+    grads[0] = grads[0] + _categorical_kl_rows(logits, None, 1, row_grad)[0]
+    return grads

@@ -1,6 +1,7 @@
 """gumbel_quantize (the Gumbel-Softmax sample over codes mixed with a codebook, fused)
 against the float64 reference on every backend, against gumbel_softmax's noise, and
-GumbelQuantizer's taming checkpoints."""
+GumbelQuantizer's taming checkpoints; gumbel_quantize_with_kl (the same with each row's KL
+to the uniform prior, GumbelQuantizer's op) against the unfused reference ops."""
 import math
 
 import pytest
@@ -8,9 +9,11 @@ import torch
 
 import fastvae
 from fastvae import reference
+from fastvae.ops.gumbel_quantize import gumbel_quantize_with_kl
 from helpers import as64, assert_close, randn, requires
 
 OPS = ("gumbel_quantize", "gumbel_quantize_backward")
+KL_OPS = ("gumbel_quantize_kl", "gumbel_quantize_kl_backward")
 # (rows, K, D): K below, at and off the kernels' 32-column step; one row block and several
 SHAPES = [(3, 5, 4), (17, 64, 3), (9, 45, 7)]
 
@@ -27,6 +30,104 @@ def reference_outputs(logits, codebook, tau, hard, grad, generator_seed):
     quantized, indices, stats = reference.gumbel_quantize(x, cb, seed, t.reshape(1), hard)
     grads = reference.gumbel_quantize_backward(g, x, cb, seed, t.reshape(1), stats, indices if hard else None)
     return quantized, indices, *grads
+
+
+def unfused_reference_outputs(logits, codebook, tau, hard, grad, grad_kl, generator_seed):
+    """(quantized, indices, kl, grad_logits, grad_codebook, grad_tau) of gumbel_quantize and
+    categorical_kl(reduction="none") run apart in the float64 reference, the KL's gradient
+    added to the logits'."""
+    quantized, indices, grad_logits, grad_codebook, grad_tau = reference_outputs(logits, codebook, tau, hard, grad,
+                                                                                 generator_seed)
+    x, g_kl = as64(logits, grad_kl)
+    kl = reference.categorical_kl(x, None, -1, "none")
+    kl_grad = reference.categorical_kl_backward(g_kl, x, None, -1, "none")[0]
+    return quantized, indices, kl, grad_logits + kl_grad, grad_codebook, grad_tau
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_with_kl_matches_the_unfused_reference(backend, shape, hard):
+    """Values and gradients (grad of the quantized output and of the rows' KL together)."""
+    requires(backend, *KL_OPS)
+    n, k, d = shape
+    logits = randn(n, k, scale=2.0, requires_grad=True)
+    codebook = randn(k, d, requires_grad=True)
+    tau = torch.tensor(0.7, requires_grad=True)
+    quantized, indices, kl = gumbel_quantize_with_kl(logits, codebook, tau, hard=hard,
+                                                     generator=torch.Generator().manual_seed(5))
+    grad, grad_kl = randn(n, d), randn(n)
+    grads = torch.autograd.grad((quantized, kl), (logits, codebook, tau), (grad, grad_kl))
+    expected = unfused_reference_outputs(logits, codebook, tau, hard, grad, grad_kl, 5)
+    assert torch.equal(indices, expected[1])
+    assert kl.shape == (n,) and kl.dtype == torch.float32
+    assert_close(quantized, expected[0], torch.float32, scale=4, msg="quantized")
+    assert_close(kl, expected[2], torch.float32, scale=4, msg="kl")
+    for name, got, want in zip(("logits", "codebook", "tau"), grads, expected[3:]):
+        assert_close(got, want.reshape(got.shape), torch.float32, scale=16, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_with_kl_half_inputs(backend, dtype):
+    requires(backend, *KL_OPS)
+    logits, codebook = randn(6, 40, dtype=dtype, requires_grad=True), randn(40, 3, dtype=dtype, requires_grad=True)
+    quantized, _, kl = gumbel_quantize_with_kl(logits, codebook, 1.3, generator=torch.Generator().manual_seed(2))
+    grad, grad_kl = randn(6, 3, dtype=dtype), randn(6)
+    grads = torch.autograd.grad((quantized, kl), (logits, codebook), (grad, grad_kl))
+    expected = unfused_reference_outputs(logits, codebook, torch.tensor(1.3), False, grad, grad_kl, 2)
+    assert quantized.dtype == dtype and kl.dtype == torch.float32 and grads[0].dtype == dtype
+    assert_close(quantized, expected[0], dtype, scale=2)
+    assert_close(kl, expected[2], dtype)
+    assert_close(grads[0], expected[3], dtype, scale=4)
+    assert_close(grads[1], expected[4], dtype, scale=4)
+
+
+def test_with_kl_masked_and_nan_rows(backend):
+    """The KL of a partly masked row counts its unmasked codes against the uniform prior over
+    all K; an all -inf row has KL 0 and zero gradients, a row with a NaN NaN ones."""
+    requires(backend, *KL_OPS)
+    logits = randn(4, 40)
+    logits[0, :20] = -math.inf
+    logits[1] = -math.inf
+    logits[2, 7] = math.nan
+    logits.requires_grad_()
+    codebook = randn(40, 3, requires_grad=True)
+    for hard in (False, True):
+        quantized, indices, kl = gumbel_quantize_with_kl(logits, codebook, hard=hard,
+                                                         generator=torch.Generator().manual_seed(4))
+        grad_logits, = torch.autograd.grad((quantized, kl), logits, (randn(4, 3), randn(4)))
+        expected = reference.categorical_kl(as64(logits)[0], None, -1, "none")
+        assert_close(kl[[0, 3]], expected[[0, 3]], torch.float32)
+        assert kl[1] == 0 and kl[2].isnan()
+        assert torch.equal(grad_logits[1], torch.zeros(40)) and grad_logits[2].isnan().all()
+        assert torch.equal(grad_logits[0, :20], torch.zeros(20)) and torch.isfinite(grad_logits[[0, 3]]).all()
+
+
+def test_with_kl_several_row_blocks_of_the_native_kernel():
+    requires("native", *KL_OPS)
+    logits, codebook = randn(300, 65530, scale=2.0, requires_grad=True), randn(65530, 3, requires_grad=True)
+    grad, grad_kl = randn(300, 3), randn(300)
+    with fastvae.use_backend("native"):
+        quantized, indices, kl = gumbel_quantize_with_kl(logits, codebook, 0.9,
+                                                         generator=torch.Generator().manual_seed(9))
+        grads = torch.autograd.grad((quantized, kl), (logits, codebook), (grad, grad_kl))
+    expected = unfused_reference_outputs(logits, codebook, torch.tensor(0.9), False, grad, grad_kl, 9)
+    assert torch.equal(indices, expected[1])
+    assert_close(quantized, expected[0], torch.float32, scale=4)
+    assert_close(kl, expected[2], torch.float32, scale=16)
+    assert_close(grads[0], expected[3], torch.float32, scale=16)
+    assert_close(grads[1], expected[4], torch.float32, scale=64)
+
+
+def test_with_kl_reference_gradcheck_and_double_backward():
+    logits = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    tau = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    with fastvae.use_backend("torch"):
+        def quantize_and_kl(x, cb, t):
+            return gumbel_quantize_with_kl(x, cb, t, generator=torch.Generator().manual_seed(3))[::2]
+
+        assert torch.autograd.gradcheck(quantize_and_kl, (logits, codebook, tau))
+        assert torch.autograd.gradgradcheck(quantize_and_kl, (logits, codebook, tau))
 
 
 @pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
@@ -213,6 +314,35 @@ def test_opcheck(backend, hard):
     _, indices, stats = torch.ops.fastvae.gumbel_quantize.default(logits, codebook, seed, tau, hard)
     torch.library.opcheck(torch.ops.fastvae.gumbel_quantize_backward.default,
                           (randn(5, 4), logits, codebook, seed, tau, stats, indices if hard else None))
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_with_kl_opcheck(backend, hard):
+    requires(backend, *KL_OPS)
+    logits, codebook, seed, tau = randn(5, 33), randn(33, 4), torch.tensor([77]), torch.tensor([0.5])
+    torch.library.opcheck(torch.ops.fastvae.gumbel_quantize_kl.default, (logits, codebook, seed, tau, hard))
+    _, indices, stats, kl = torch.ops.fastvae.gumbel_quantize_kl.default(logits, codebook, seed, tau, hard)
+    torch.library.opcheck(torch.ops.fastvae.gumbel_quantize_kl_backward.default,
+                          (randn(5, 4), randn(5), logits, codebook, seed, tau, stats, kl, indices if hard else None))
+
+
+def test_with_kl_compiled_fullgraph_matches_eager(backend):
+    requires(backend, *KL_OPS)
+
+    def quantize_loss(logits, codebook, tau):
+        quantized, _, kl = gumbel_quantize_with_kl(logits, codebook, tau)
+        return quantized.square().sum() + kl.mean()
+
+    inputs = (randn(6, 9), randn(9, 4), torch.tensor(0.8))
+    results = []
+    torch._dynamo.reset()
+    for runner in (quantize_loss, torch.compile(quantize_loss, fullgraph=True, backend="aot_eager")):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        torch.manual_seed(123)
+        loss = runner(*leaves)
+        results.append([loss, *torch.autograd.grad(loss, leaves)])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_fullgraph_matches_eager(backend):

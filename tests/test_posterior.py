@@ -244,7 +244,7 @@ def quantizer_and_input(**options):
 
 @pytest.mark.parametrize("straight_through", [True, False], ids=["hard", "soft"])
 def test_gumbel_quantizer_training_matches_the_reference(backend, straight_through):
-    requires(backend, "gumbel_quantize", "gumbel_quantize_backward", "categorical_kl", "categorical_kl_backward")
+    requires(backend, "gumbel_quantize_kl", "gumbel_quantize_kl_backward")
     layer, x = quantizer_and_input(tau=0.7, straight_through=straight_through, kl_weight=0.3)
     torch.manual_seed(7)
     quantized, indices, loss = layer(x)
@@ -261,6 +261,39 @@ def test_gumbel_quantizer_training_matches_the_reference(backend, straight_throu
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
+@pytest.mark.parametrize("straight_through", [True, False], ids=["hard", "soft"])
+def test_gumbel_quantizer_gradients_match_the_unfused_textbook_step(backend, straight_through):
+    """The layer's loss (the KL taken in the fused op's pass) equals the separate
+    categorical_kl's, and the gradients of a training step reach x and every parameter as
+    float64 autograd of the textbook step gives them: gumbel_softmax (straight-through when
+    hard) mixed with the codebook, plus kl_weight * mean_positions sum_k p log(p K)."""
+    requires(backend, "gumbel_quantize_kl", "gumbel_quantize_kl_backward", "categorical_kl")
+    layer, x = quantizer_and_input(tau=0.7, straight_through=straight_through, kl_weight=0.3)
+    x.requires_grad_()
+    torch.manual_seed(7)
+    quantized, _, loss = layer(x)
+    grad = torch.randn(quantized.shape)
+    params = (x, layer.proj.weight, layer.proj.bias, layer.embed.weight)
+    grads = torch.autograd.grad((quantized * grad).sum() + loss, params)
+    logits = layer.proj(x.movedim(1, -1))
+    torch.testing.assert_close(loss, 0.3 * fastvae.categorical_kl(logits, dim=-1, reduction="mean"))
+
+    torch.manual_seed(7)
+    seed = torch.randint(2**63 - 1, (1,), dtype=torch.int64)
+    x64, weight, bias, codes = [t.detach().double().requires_grad_() for t in params]
+    logits64 = torch.einsum("bchw,kc->bhwk", x64, weight) + bias
+    sample = reference.gumbel_softmax(logits64, seed, 0.7, False, 3)
+    if straight_through:
+        sample = reference.gumbel_softmax(logits64, seed, 0.7, True, 3).detach() + sample - sample.detach()
+    quantized64 = torch.einsum("bhwk,kd->bdhw", sample, codes)
+    log_p = torch.log_softmax(logits64, dim=-1)
+    loss64 = 0.3 * (log_p.exp() * (log_p + math.log(37))).sum(dim=-1).mean()
+    expected = torch.autograd.grad((quantized64 * grad.double()).sum() + loss64, (x64, weight, bias, codes))
+    assert_close(loss, loss64, torch.float32, scale=4)
+    for got, want in zip(grads, expected):  # x, proj.weight, proj.bias, embed.weight
+        assert_close(got, want, torch.float32, scale=16)
+
+
 def test_gumbel_quantizer_eval_is_the_argmax_without_noise(backend):
     requires(backend, "categorical_kl")
     layer, x = quantizer_and_input()
@@ -274,7 +307,7 @@ def test_gumbel_quantizer_eval_is_the_argmax_without_noise(backend):
 
 
 def test_gumbel_quantizer_learned_and_annealed_tau(backend):
-    requires(backend, "gumbel_quantize", "gumbel_quantize_backward", "categorical_kl", "categorical_kl_backward")
+    requires(backend, "gumbel_quantize_kl", "gumbel_quantize_kl_backward")
     layer, x = quantizer_and_input(learn_tau=True, tau=0.9, straight_through=False)
     assert isinstance(layer.tau, torch.nn.Parameter)
     quantized, _, loss = layer(x)

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.gumbel_quantize import gumbel_quantize_with_kl
 
 
 class GumbelSoftmax(nn.Module):
@@ -38,7 +39,9 @@ class GumbelQuantizer(nn.Module):
     * ``eval()``: ``indices = argmax_k logits`` (no noise, as DALL-E's tokenizer) and
       ``quantized`` is those codes;
     * ``loss = kl_weight * KL(softmax(logits) || uniform)``, the KL summed over codes and
-      averaged over positions (taming's ``diff``), by :func:`fastvae.categorical_kl`.
+      averaged over positions (taming's ``diff``; :func:`fastvae.categorical_kl` with
+      ``reduction="mean"``). In training the fused op takes each position's KL in its pass
+      over the logits (forward and backward), in eval ``categorical_kl``.
 
     ``tau`` is a plain attribute (set it between steps to anneal), or with
     ``learn_tau=True`` a parameter trained by gradient. Submodules are named as taming's
@@ -73,12 +76,15 @@ class GumbelQuantizer(nn.Module):
         positions = x.movedim(self.channel_dim, -1)
         logits = self.proj(positions.reshape(-1, self.in_channels))
         if self.training:
-            quantized, indices = ops.gumbel_quantize(logits, self.embed.weight, self.tau, hard=self.straight_through,
-                                                     dim=-1)
+            quantized, indices, kl = gumbel_quantize_with_kl(logits, self.embed.weight, self.tau,
+                                                             hard=self.straight_through)
+            # the mean over positions as categorical_kl's: accumulated in float64
+            mean_kl = (kl.sum(dtype=torch.float64) / max(kl.numel(), 1)).to(logits.dtype)
         else:
             indices = logits.argmax(dim=-1)
             quantized = self.embed(indices)
-        loss = self.kl_weight * ops.categorical_kl(logits, dim=-1, reduction="mean")
+            mean_kl = ops.categorical_kl(logits, dim=-1, reduction="mean")
+        loss = self.kl_weight * mean_kl
         indices = indices.reshape(positions.shape[:-1])
         quantized = quantized.reshape(positions.shape[:-1] + (self.dim,)).movedim(-1, self.channel_dim)
         if self.taming_outputs:
