@@ -335,6 +335,32 @@ def test_gumbel_quantizer_taming_outputs_and_channel_last(backend):
         last(x)
 
 
+@pytest.mark.parametrize("options, x, error, message", [
+    ({}, torch.ones(2, 6, 3, 4, dtype=torch.long), TypeError, "x must be a float"),
+    ({"channel_dim": 5}, torch.randn(2, 6, 3, 4), ValueError, "channel_dim=5 is out of range"),
+])
+def test_gumbel_quantizer_checks_its_input_by_name(options, x, error, message):
+    layer = fastvae.nn.GumbelQuantizer(6, 37, 5, **options)
+    with pytest.raises(error, match=message):
+        layer(x)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    ((6, 37.0, 5), TypeError, "num_codes must be an int"),
+    ((0, 37, 5), ValueError, "in_channels must be >= 1"),
+    ((6, 37, -1), ValueError, "dim must be >= 1"),
+])
+def test_gumbel_quantizer_checks_its_sizes_by_name(arguments, error, message):
+    with pytest.raises(error, match=message):
+        fastvae.nn.GumbelQuantizer(*arguments)
+
+
+def test_gumbel_quantizer_repr_is_one_line_with_a_learned_tau():
+    learned = repr(fastvae.nn.GumbelQuantizer(6, 37, 5, learn_tau=True))
+    assert "learn_tau=True" in learned and "Parameter containing" not in learned
+    assert "tau=0.5," in repr(fastvae.nn.GumbelQuantizer(6, 37, 5, tau=0.5))
+
+
 def test_gumbel_quantizer_kl_against_dalle_pytorch(backend):
     """DALLE-pytorch 1.6.6 DiscreteVAE's KL (read from its source; the package does not
     install here): F.kl_div(log(1/K) of shape (1,), log_softmax over codes, 'batchmean',

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._common import check_dim, check_float, check_size
 from ..ops.gumbel_quantize import gumbel_quantize_with_kl
 
 
@@ -56,8 +57,8 @@ class GumbelQuantizer(nn.Module):
     def __init__(self, in_channels, num_codes, dim, *, tau=1.0, straight_through=True, kl_weight=5e-4,
                  learn_tau=False, channel_dim=1, taming_outputs=False, device=None, dtype=None):
         super().__init__()
-        if min(in_channels, num_codes, dim) < 1:
-            raise ValueError(f"in_channels, num_codes and dim must be positive, got {in_channels}, {num_codes}, {dim}")
+        in_channels, num_codes, dim = (check_size(name, value) for name, value in
+                                       (("in_channels", in_channels), ("num_codes", num_codes), ("dim", dim)))
         factory = {"device": device, "dtype": dtype}
         self.in_channels, self.num_codes, self.dim, self.channel_dim = in_channels, num_codes, dim, channel_dim
         self.straight_through, self.kl_weight, self.taming_outputs = straight_through, kl_weight, taming_outputs
@@ -67,13 +68,15 @@ class GumbelQuantizer(nn.Module):
         self.register_load_state_dict_pre_hook(_taming_projection)
 
     def forward(self, x):
-        if x.shape[self.channel_dim] != self.in_channels:
-            raise ValueError(f"x has {x.shape[self.channel_dim]} features along channel_dim={self.channel_dim}, "
+        check_float("x", x)
+        channel_dim = check_dim("channel_dim", self.channel_dim, x.dim())
+        if x.shape[channel_dim] != self.in_channels:
+            raise ValueError(f"x has {x.shape[channel_dim]} features along channel_dim={self.channel_dim}, "
                              f"but the quantizer takes in_channels={self.in_channels}")
         # One row of features per position: the projection is then one addmm with its bias
         # fused (a >2-d input costs Linear a separate (N, K) bias pass), and the sample and
         # the mixing need no transposed copy.
-        positions = x.movedim(self.channel_dim, -1)
+        positions = x.movedim(channel_dim, -1)
         logits = self.proj(positions.reshape(-1, self.in_channels))
         if self.training:
             quantized, indices, kl = gumbel_quantize_with_kl(logits, self.embed.weight, self.tau,
@@ -86,13 +89,15 @@ class GumbelQuantizer(nn.Module):
             mean_kl = ops.categorical_kl(logits, dim=-1, reduction="mean")
         loss = self.kl_weight * mean_kl
         indices = indices.reshape(positions.shape[:-1])
-        quantized = quantized.reshape(positions.shape[:-1] + (self.dim,)).movedim(-1, self.channel_dim)
+        quantized = quantized.reshape(positions.shape[:-1] + (self.dim,)).movedim(-1, channel_dim)
         if self.taming_outputs:
             return quantized, loss, (None, None, indices)
         return quantized, indices, loss
 
     def extra_repr(self):
-        return (f"in_channels={self.in_channels}, num_codes={self.num_codes}, dim={self.dim}, tau={self.tau}, "
+        # a learned tau is a parameter: its value is in the state, not the repr
+        tau = "learn_tau=True" if isinstance(self.tau, nn.Parameter) else f"tau={self.tau}"
+        return (f"in_channels={self.in_channels}, num_codes={self.num_codes}, dim={self.dim}, {tau}, "
                 f"straight_through={self.straight_through}, kl_weight={self.kl_weight}, "
                 f"channel_dim={self.channel_dim}")
 
