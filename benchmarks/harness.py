@@ -101,7 +101,8 @@ def parser(description):
                         "(with OMP_NUM_THREADS=1)")
     p.add_argument("--only", default=None, metavar="TEXT",
                    help="run only the cases whose op name contains TEXT, e.g. --only GumbelQuantizer")
-    p.add_argument("--out", default=None, help="JSON file for the results (default: benchmarks/results/...)")
+    p.add_argument("--out", default=None,
+                   help="JSON file for the results, or a folder for them (default: benchmarks/results/)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated input dtypes, e.g. float32,bfloat16 (default: those two on CUDA, float32 on CPU)")
     return p
@@ -132,12 +133,15 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def save(name, records, args, out=None):
-    """Write ``records`` to ``out``, else to ``results/<name>-<device>[-<suite>]-<date>.json``
-    (no suite in the name for the full suite)."""
+    """Write ``records`` to the file ``out``, else to ``<name>-<device>[-<suite>]-<date>.json``
+    (no suite in the name for the full suite) in the folder ``out`` (one that exists, or a
+    path ending in ``/``; for a run writing several benchmarks' results, such as $OUT on
+    the GPU machine), else in ``results/``."""
     tag = torch.cuda.get_device_name().replace(" ", "_") if torch.device(args.device).type == "cuda" else "cpu"
     run = suite(args)
-    path = out or os.path.join(RESULTS, "-".join([name, tag] + ([] if run == "full" else [run]) +
-                                                 [datetime.date.today().isoformat()]) + ".json")
+    file_name = "-".join([name, tag] + ([] if run == "full" else [run]) + [datetime.date.today().isoformat()]) + ".json"
+    folder = out if out and (os.path.isdir(out) or out.endswith(os.sep)) else None
+    path = os.path.join(folder or RESULTS, file_name) if folder or not out else out
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"bench": name, "suite": run, "clock": args.clock,

@@ -48,6 +48,21 @@ def test_run_benches_times_every_case_and_writes_json(tmp_path):
         ([4], "fastvae[x]"), ([4], "torch eager"), ([8], "fastvae[x]"), ([8], "torch eager")]
 
 
+@pytest.mark.parametrize("folder", ["existing", "new/"])
+def test_out_names_a_folder_for_the_default_file_name(tmp_path, folder):
+    def cases(args):
+        yield harness.Case("toy", (4,), {"fastvae[x]": lambda: None, "torch eager": lambda: None})
+
+    out = os.path.join(str(tmp_path), folder)  # (a pathlib path would drop the trailing /)
+    if folder == "existing":
+        os.mkdir(out)
+    args = harness.parser("").parse_args(["--samples", "3", "--out", out])
+    paths, failed = harness.run_benches([("toy", cases)], args)
+    assert not failed and os.path.dirname(paths["toy"]) == out.rstrip("/")
+    assert os.path.basename(paths["toy"]).startswith("toy-cpu-default-")
+    assert json.loads(open(paths["toy"]).read())["bench"] == "toy"
+
+
 def test_only_and_targets(tmp_path, capsys):
     def cases(args):
         for op in ("toy soft", "toy hard"):
