@@ -1,12 +1,13 @@
 // Gumbel column, C++ CPU kernels: gumbel_softmax (soft and hard) and its backward (from
 // the seed, or from the soft sample); the categorical KL is in gumbel_kl.cpp. The noise
 // of element (row, c) is lane c % 4 of Philox quad c / 4 of `row` (reference.py), made
-// kLanes quads or kLanes rows at a time (simd.h: 8 with AVX2, 4 at the baseline) and
-// never stored.
+// kWideLanes quads or kLanes rows at a time (simd.h: 16 and 8 at the AVX-512 level, 8 with
+// AVX2, 4 at the baseline) and never stored.
 //
 // Two loop shapes, chosen by layout:
-// * rows_in_lanes: `dim` last and contiguous, K >= 4 kLanes. One row at a time; the
-//   vector lanes are kLanes consecutive quads (4 kLanes columns), interleaved into column order.
+// * rows_in_lanes: `dim` last and contiguous, K >= 4 kWideLanes. One row at a time; the
+//   vector lanes are kWideLanes consecutive quads (4 kWideLanes columns), interleaved into
+//   column order.
 // * rows_across_lanes: anything else (`dim` not last, e.g. (B, K, H, W) with dim=1, or
 //   narrow K). kLanes rows at a time, one per lane; for `dim` not last those rows are
 //   adjacent in memory, so every column is one contiguous vector load and store.
@@ -40,10 +41,13 @@ using simd::kLanes;
 using simd::VecF;
 using simd::VecI;
 using simd::VecU;
+using simd::kWideLanes;
+using WideF = simd::Wide::F;
+using WideI = simd::Wide::I;
 
 enum class Mode { kSoft, kHard, kBackward, kBackwardFromSample };
 
-constexpr int kWideChunk = 4 * kLanes;  // columns per step of rows_in_lanes (kLanes quads)
+constexpr int kWideChunk = 4 * kWideLanes;  // columns per step of rows_in_lanes (kWideLanes quads)
 constexpr int kTileChunk = 16;          // columns per online-softmax step of rows_across_lanes
 
 struct GumbelProblem {
@@ -62,42 +66,42 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
   scalar_t* out_row = out + p.out.offset(row);
   if (mode == Mode::kHard) {
     // Per-slot running argmax of logits + noise; a strict > keeps the lowest column.
-    VecF best[4];
-    VecI best_col[4], finite = ~VecI{};
-    for (int v = 0; v < 4; ++v) best[v] = simd::splat(-kInf), best_col[v] = VecI{} - 1;
+    WideF best[4];
+    WideI best_col[4], finite = ~WideI{};
+    for (int v = 0; v < 4; ++v) best[v] = WideF{} - kInf, best_col[v] = WideI{} - 1;
     for (int64_t j = 0; j < chunks; ++j) {
-      VecF noise[4];
+      WideF noise[4];
       simd::gumbel_noise_of_chunk(p.seed, row, j, noise);
       for (int v = 0; v < 4; ++v) {
-        const VecF z = simd::load(buf + kWideChunk * j + kLanes * v) + noise[v];
+        const WideF z = simd::load<WideF>(buf + kWideChunk * j + kWideLanes * v) + noise[v];
         finite &= z < kInf;
-        const VecI better = z > best[v];
+        const WideI better = z > best[v];
         best[v] = simd::select(better, z, best[v]);
-        best_col[v] = simd::select(better, simd::lane_index() + static_cast<int32_t>(kWideChunk * j + kLanes * v),
-                                   best_col[v]);
+        const int32_t first_col = static_cast<int32_t>(kWideChunk * j + kWideLanes * v);
+        best_col[v] = simd::select(better, simd::lane_index<WideI>() + first_col, best_col[v]);
       }
     }
     float top = -kInf;
     int64_t top_col = -1;
     for (int v = 0; v < 4; ++v)
-      for (int lane = 0; lane < kLanes; ++lane)
+      for (int lane = 0; lane < kWideLanes; ++lane)
         if (best[v][lane] > top || (best[v][lane] == top && best_col[v][lane] < top_col && best_col[v][lane] >= 0))
           top = best[v][lane], top_col = best_col[v][lane];
-    const bool nan_row = simd::lane_bits(finite) != (1u << kLanes) - 1;
+    const bool nan_row = simd::lane_bits(finite) != (1u << kWideLanes) - 1;
     std::fill(out_row, out_row + K, static_cast<scalar_t>(nan_row ? kNaN : 0.0f));
     if (top_col >= 0 && !nan_row) out_row[top_col] = static_cast<scalar_t>(1.0f);
     return;
   }
   if (mode == Mode::kBackward) load_row(grad + p.grad.offset(row), p.grad.class_stride, K, padded, 0.0f, grad_buf);
   float running_max = -FLT_MAX;  // finite, so exp(running_max - new max) never sees inf - inf
-  VecF sum{}, grad_dot{};
-  VecI finite = ~VecI{};
+  WideF sum{}, grad_dot{};
+  WideI finite = ~WideI{};
   for (int64_t j = 0; j < chunks; ++j) {
-    VecF noise[4], z[4];
+    WideF noise[4], z[4];
     simd::gumbel_noise_of_chunk(p.seed, row, j, noise);
     float* chunk = buf + kWideChunk * j;
     for (int v = 0; v < 4; ++v) {
-      z[v] = simd::load(chunk + kLanes * v) + noise[v];
+      z[v] = simd::load<WideF>(chunk + kWideLanes * v) + noise[v];
       finite &= z[v] < kInf;
     }
     const float top = simd::horizontal_max(simd::max(simd::max(z[0], z[1]), simd::max(z[2], z[3])));
@@ -109,15 +113,15 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
     }
     chunk_max[j] = running_max;
     for (int v = 0; v < 4; ++v) {
-      const VecF e = vecmath::exp_nonpositive((z[v] - running_max) * p.inv_tau);
-      simd::store(chunk + kLanes * v, e);
+      const WideF e = vecmath::exp_nonpositive((z[v] - running_max) * p.inv_tau);
+      simd::store(chunk + kWideLanes * v, e);
       sum += e;
-      if (mode == Mode::kBackward) grad_dot += e * simd::load(grad_buf + kWideChunk * j + kLanes * v);
+      if (mode == Mode::kBackward) grad_dot += e * simd::load<WideF>(grad_buf + kWideChunk * j + kWideLanes * v);
     }
   }
   const float total = simd::horizontal_sum(sum);
   // An all -inf row gives zeros, a NaN row NaN.
-  const float inv_sum = simd::lane_bits(finite) != (1u << kLanes) - 1 ? kNaN : total > 0.0f ? 1.0f / total : 0.0f;
+  const float inv_sum = simd::lane_bits(finite) != (1u << kWideLanes) - 1 ? kNaN : total > 0.0f ? 1.0f / total : 0.0f;
   const float dot = simd::horizontal_sum(grad_dot) * inv_sum;
   float scaled_max = std::nanf(""), scale = 0.0f;
   for (int64_t j = 0; j < chunks; ++j) {
@@ -125,12 +129,12 @@ void rows_in_lanes(const GumbelProblem& p, const scalar_t* x, const scalar_t* gr
       scaled_max = chunk_max[j], scale = std::exp((chunk_max[j] - running_max) * p.inv_tau) * inv_sum;
     float* chunk = buf + kWideChunk * j;
     for (int v = 0; v < 4; ++v) {
-      const VecF y = simd::load(chunk + kLanes * v) * scale;
+      const WideF y = simd::load<WideF>(chunk + kWideLanes * v) * scale;
       if (mode == Mode::kSoft) {
-        simd::store(chunk + kLanes * v, y);
+        simd::store(chunk + kWideLanes * v, y);
       } else {
-        const VecF g = simd::load(grad_buf + kWideChunk * j + kLanes * v);
-        simd::store(chunk + kLanes * v, y * (g - dot) * p.inv_tau);
+        const WideF g = simd::load<WideF>(grad_buf + kWideChunk * j + kWideLanes * v);
+        simd::store(chunk + kWideLanes * v, y * (g - dot) * p.inv_tau);
       }
     }
   }

@@ -6,6 +6,8 @@
 // AVX-512 level too), four at the x86-64 baseline (SSE2) and elsewhere. A vector wider
 // than the ISA's registers is lowered element by element for comparisons and selects
 // (through the stack), which made the baseline level 5-10x slower than AVX2.
+// kWideLanes (16 at the AVX-512 level, else kLanes) is the width of the Wide vectors that
+// the Gumbel noise loops use; the helpers below are templates over the vector type.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -34,6 +36,11 @@ constexpr int kLanes = 4;
 typedef float VecF __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t VecU __attribute__((vector_size(4 * kLanes)));
 typedef int32_t VecI __attribute__((vector_size(4 * kLanes)));
+#if defined(__AVX512F__)
+constexpr int kWideLanes = 16;
+#else
+constexpr int kWideLanes = kLanes;
+#endif
 
 FASTVAE_VEC_INLINE VecF splat(float v) { return VecF{} + v; }
 FASTVAE_VEC_INLINE VecU splat_u(uint32_t v) { return VecU{} + v; }
@@ -50,6 +57,8 @@ struct VectorsOf {
 // Those of vector type V's size.
 template <typename V>
 using SameSize = VectorsOf<sizeof(V)>;
+// kWideLanes lanes.
+using Wide = VectorsOf<4 * kWideLanes>;
 
 template <typename I, size_t... kLane>
 FASTVAE_VEC_INLINE I lane_index(std::index_sequence<kLane...>) {
@@ -61,12 +70,16 @@ FASTVAE_VEC_INLINE I lane_index() {
   return lane_index<I>(std::make_index_sequence<SameSize<I>::kLanes32>{});
 }
 
-FASTVAE_VEC_INLINE VecF load(const float* p) {
-  VecF v;
+template <typename F = VecF>
+FASTVAE_VEC_INLINE F load(const float* p) {
+  F v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-FASTVAE_VEC_INLINE void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+template <typename F>
+FASTVAE_VEC_INLINE void store(float* p, F v) {
+  std::memcpy(p, &v, sizeof v);
+}
 // The first `count` (at most kLanes) lanes only: a block's ragged end. Loaded lanes past
 // count are zero.
 FASTVAE_VEC_INLINE VecF load_first(const float* p, int64_t count) {
@@ -93,12 +106,25 @@ FASTVAE_VEC_INLINE void store(float* p, F a, F b) {
   store(p, a, b, std::make_index_sequence<SameSize<F>::kLanes32>{});
 }
 
-// mask ? a : b, per lane (mask lanes all ones or all zeros, as comparisons give).
-FASTVAE_VEC_INLINE VecF select(VecI mask, VecF a, VecF b) { return (VecF)(((VecI)a & mask) | ((VecI)b & ~mask)); }
-FASTVAE_VEC_INLINE VecI select(VecI mask, VecI a, VecI b) { return (a & mask) | (b & ~mask); }
-FASTVAE_VEC_INLINE VecF max(VecF a, VecF b) { return select(a > b, a, b); }
+// mask ? a : b, per lane (mask lanes all ones or all zeros, as comparisons give); V a
+// float or int vector, I the int vector of its size.
+template <typename I, typename V>
+FASTVAE_VEC_INLINE V select(I mask, V a, V b) {
+  return (V)(((I)a & mask) | ((I)b & ~mask));
+}
+template <typename F>
+FASTVAE_VEC_INLINE F max(F a, F b) {
+  return select(a > b, a, b);
+}
 
 // Bit l set where lane l of mask is true.
+#if defined(__AVX512F__)
+FASTVAE_VEC_INLINE uint32_t lane_bits(Wide::I mask) {
+  __m512i m;
+  std::memcpy(&m, &mask, sizeof m);
+  return static_cast<uint32_t>(_mm512_cmplt_epi32_mask(m, _mm512_setzero_si512()));
+}
+#endif
 FASTVAE_VEC_INLINE uint32_t lane_bits(VecI mask) {
 #if defined(__AVX2__)
   __m256 m;
@@ -117,28 +143,36 @@ FASTVAE_VEC_INLINE uint32_t lane_bits(VecI mask) {
 
 }  // namespace simd
 
-// vecmath.h's exp and log on kLanes lanes at once.
-template <>
-struct vecmath::Lanes<simd::VecF> {
-  using Int = simd::VecI;
-  using UInt = simd::VecU;
-  static FASTVAE_VECMATH simd::VecF splat(float v) { return simd::splat(v); }
-  static FASTVAE_VECMATH UInt bits(simd::VecF f) { return (UInt)f; }
-  static FASTVAE_VECMATH simd::VecF from_bits(UInt u) { return (simd::VecF)u; }
-  static FASTVAE_VECMATH simd::VecF to_float(Int i) { return __builtin_convertvector(i, simd::VecF); }
-  static FASTVAE_VECMATH simd::VecF select(Int mask, simd::VecF a, simd::VecF b) { return simd::select(mask, a, b); }
+// vecmath.h's exp and log on the lanes of a vector F at once.
+template <typename F>
+struct VectorLanes {
+  using Int = typename simd::SameSize<F>::I;
+  using UInt = typename simd::SameSize<F>::U;
+  static FASTVAE_VECMATH F splat(float v) { return F{} + v; }
+  static FASTVAE_VECMATH UInt bits(F f) { return (UInt)f; }
+  static FASTVAE_VECMATH F from_bits(UInt u) { return (F)u; }
+  static FASTVAE_VECMATH F to_float(Int i) { return __builtin_convertvector(i, F); }
+  static FASTVAE_VECMATH F select(Int mask, F a, F b) { return simd::select(mask, a, b); }
 };
+template <>
+struct vecmath::Lanes<simd::VecF> : VectorLanes<simd::VecF> {};
+#if defined(__AVX512F__)
+template <>
+struct vecmath::Lanes<simd::Wide::F> : VectorLanes<simd::Wide::F> {};
+#endif
 
 namespace simd {
 
-FASTVAE_VEC_INLINE float horizontal_max(VecF v) {
+template <typename F>
+FASTVAE_VEC_INLINE float horizontal_max(F v) {
   float m = v[0];
-  for (int lane = 1; lane < kLanes; ++lane) m = v[lane] > m ? v[lane] : m;
+  for (int lane = 1; lane < SameSize<F>::kLanes32; ++lane) m = v[lane] > m ? v[lane] : m;
   return m;
 }
-FASTVAE_VEC_INLINE float horizontal_sum(VecF v) {
+template <typename F>
+FASTVAE_VEC_INLINE float horizontal_sum(F v) {
   float s = 0.0f;
-  for (int lane = 0; lane < kLanes; ++lane) s += v[lane];
+  for (int lane = 0; lane < SameSize<F>::kLanes32; ++lane) s += v[lane];
   return s;
 }
 
@@ -254,41 +288,54 @@ FASTVAE_VEC_INLINE typename SameSize<U>::F uniform(U bits) {
 }
 
 // Gumbel(0, 1) noise -log(-log(u)) from raw draws.
-FASTVAE_VEC_INLINE VecF gumbel_from_bits(VecU bits) { return -vecmath::log(-vecmath::log(uniform(bits))); }
-
-// Four vectors holding lanes 0..3 of kLanes Philox quads -> the 4 kLanes values in column
-// order (quad q, lane k at position 4q + k).
-FASTVAE_VEC_INLINE void interleave4(const VecF lanes[4], VecF out[4]) {
-#if !defined(__AVX2__)
-  // A 4 x 4 transpose.
-  const VecF ab_lo = __builtin_shufflevector(lanes[0], lanes[1], 0, 4, 1, 5);
-  const VecF cd_lo = __builtin_shufflevector(lanes[2], lanes[3], 0, 4, 1, 5);
-  const VecF ab_hi = __builtin_shufflevector(lanes[0], lanes[1], 2, 6, 3, 7);
-  const VecF cd_hi = __builtin_shufflevector(lanes[2], lanes[3], 2, 6, 3, 7);
-  out[0] = __builtin_shufflevector(ab_lo, cd_lo, 0, 1, 4, 5);
-  out[1] = __builtin_shufflevector(ab_lo, cd_lo, 2, 3, 6, 7);
-  out[2] = __builtin_shufflevector(ab_hi, cd_hi, 0, 1, 4, 5);
-  out[3] = __builtin_shufflevector(ab_hi, cd_hi, 2, 3, 6, 7);
-#else
-  const VecF ab_lo = __builtin_shufflevector(lanes[0], lanes[1], 0, 8, 1, 9, 2, 10, 3, 11);
-  const VecF cd_lo = __builtin_shufflevector(lanes[2], lanes[3], 0, 8, 1, 9, 2, 10, 3, 11);
-  const VecF ab_hi = __builtin_shufflevector(lanes[0], lanes[1], 4, 12, 5, 13, 6, 14, 7, 15);
-  const VecF cd_hi = __builtin_shufflevector(lanes[2], lanes[3], 4, 12, 5, 13, 6, 14, 7, 15);
-  out[0] = __builtin_shufflevector(ab_lo, cd_lo, 0, 1, 8, 9, 2, 3, 10, 11);
-  out[1] = __builtin_shufflevector(ab_lo, cd_lo, 4, 5, 12, 13, 6, 7, 14, 15);
-  out[2] = __builtin_shufflevector(ab_hi, cd_hi, 0, 1, 8, 9, 2, 3, 10, 11);
-  out[3] = __builtin_shufflevector(ab_hi, cd_hi, 4, 5, 12, 13, 6, 7, 14, 15);
-#endif
+template <typename U>
+FASTVAE_VEC_INLINE typename SameSize<U>::F gumbel_from_bits(U bits) {
+  return -vecmath::log(-vecmath::log(uniform(bits)));
 }
 
-// Gumbel noise of columns 4 kLanes * chunk .. 4 kLanes * (chunk + 1) - 1 of `row` (the Gumbel ops'
-// stream, reference.py), in column order.
-FASTVAE_VEC_INLINE void gumbel_noise_of_chunk(uint64_t seed, uint64_t row, int64_t chunk, VecF out[4]) {
-  VecU bits[4];
-  philox(seed, (VecU)lane_index() + static_cast<uint32_t>(kLanes * chunk), splat_u(static_cast<uint32_t>(row)),
-         splat_u(static_cast<uint32_t>(row >> 32)), bits);
-  VecF lanes[4];
-  for (int k = 0; k < 4; ++k) lanes[k] = gumbel_from_bits(bits[k]);
+// interleave4's shuffle indices for lane l of a result of n lanes (`half`, 0 or n / 2,
+// picks the sources' low or high half): pair_lane interleaves two vectors a, b lane by
+// lane (a[half] b[half] a[half + 1] b[half + 1] ...), quad_lane alternates two lanes of
+// such an ab pair with two of a cd pair, which puts lanes 0..3 of each quad side by side.
+template <int n>
+constexpr int pair_lane(int l, int half) {
+  return (l % 2 ? n : 0) + l / 2 + half;
+}
+template <int n>
+constexpr int quad_lane(int l, int half) {
+  return (l / 2 % 2 ? n : 0) + 2 * (l / 4) + l % 2 + half;
+}
+template <typename F, size_t... kLane>
+FASTVAE_VEC_INLINE void interleave4(const F lanes[4], F out[4], std::index_sequence<kLane...>) {
+  constexpr int n = sizeof...(kLane);
+  const F ab_lo = __builtin_shufflevector(lanes[0], lanes[1], pair_lane<n>(kLane, 0)...);
+  const F cd_lo = __builtin_shufflevector(lanes[2], lanes[3], pair_lane<n>(kLane, 0)...);
+  const F ab_hi = __builtin_shufflevector(lanes[0], lanes[1], pair_lane<n>(kLane, n / 2)...);
+  const F cd_hi = __builtin_shufflevector(lanes[2], lanes[3], pair_lane<n>(kLane, n / 2)...);
+  out[0] = __builtin_shufflevector(ab_lo, cd_lo, quad_lane<n>(kLane, 0)...);
+  out[1] = __builtin_shufflevector(ab_lo, cd_lo, quad_lane<n>(kLane, n / 2)...);
+  out[2] = __builtin_shufflevector(ab_hi, cd_hi, quad_lane<n>(kLane, 0)...);
+  out[3] = __builtin_shufflevector(ab_hi, cd_hi, quad_lane<n>(kLane, n / 2)...);
+}
+// Four vectors holding lanes 0..3 of n Philox quads (n the lanes of F) -> the 4 n values
+// in column order (quad q, lane k at position 4q + k).
+template <typename F>
+FASTVAE_VEC_INLINE void interleave4(const F lanes[4], F out[4]) {
+  interleave4(lanes, out, std::make_index_sequence<SameSize<F>::kLanes32>{});
+}
+
+// Gumbel noise of columns 4 n * chunk .. 4 n * (chunk + 1) - 1 of `row` (the Gumbel ops'
+// stream, reference.py), in column order, n the lanes of F: column c is lane c % 4 of
+// Philox quad c / 4 whatever n.
+template <typename F = VecF>
+FASTVAE_VEC_INLINE void gumbel_noise_of_chunk(uint64_t seed, uint64_t row, int64_t chunk, F out[4]) {
+  using U = typename SameSize<F>::U;
+  constexpr int n = SameSize<F>::kLanes32;
+  U bits[1][4];
+  philox<U, 1>(seed, {(U)lane_index<typename SameSize<F>::I>() + static_cast<uint32_t>(n * chunk)},
+               {U{} + static_cast<uint32_t>(row)}, {U{} + static_cast<uint32_t>(row >> 32)}, bits);
+  F lanes[4];
+  for (int k = 0; k < 4; ++k) lanes[k] = gumbel_from_bits(bits[0][k]);
   interleave4(lanes, out);
 }
 
