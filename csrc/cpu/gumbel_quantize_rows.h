@@ -17,8 +17,11 @@ namespace gumbel_rows {
 using simd::kLanes;
 using simd::VecF;
 using simd::VecI;
+using simd::kWideLanes;
+using WideF = simd::Wide::F;
+using WideI = simd::Wide::I;
 
-constexpr int kChunk = 4 * kLanes;  // columns per Philox step of the row noise
+constexpr int kChunk = 4 * kWideLanes;  // columns per Philox step of the row noise
 
 struct Problem {
   uint64_t seed;
@@ -36,22 +39,22 @@ struct RowScan {
 // work, while the row is in cache).
 template <typename Visit>
 RowScan add_noise(const Problem& p, int64_t row, float* buf, const Visit& visit) {
-  VecF top = simd::splat(-kInf);
-  VecI finite = ~VecI{};
+  WideF top = WideF{} - kInf;
+  WideI finite = ~WideI{};
   for (int64_t j = 0; j < p.padded / kChunk; ++j) {
-    VecF noise[4];
+    WideF noise[4];
     simd::gumbel_noise_of_chunk(p.seed, row, j, noise);
     for (int v = 0; v < 4; ++v) {
-      float* at = buf + kChunk * j + kLanes * v;
-      const VecF x = simd::load(at);
-      visit(x, kChunk * j + kLanes * v);
-      const VecF z = x + noise[v];
+      const int64_t column = kChunk * j + kWideLanes * v;
+      float* at = buf + column;
+      for (int part = 0; part < kWideLanes; part += kLanes) visit(simd::load(at + part), column + part);
+      const WideF z = simd::load<WideF>(at) + noise[v];
       simd::store(at, z);
       finite &= z < kInf;
       top = simd::max(top, z);
     }
   }
-  if (simd::lane_bits(finite) != (1u << kLanes) - 1) {
+  if (simd::lane_bits(finite) != (1u << kWideLanes) - 1) {
     int64_t first_nan = -1, first_inf = -1;
     for (int64_t c = 0; c < p.K && first_nan < 0; ++c) {
       if (std::isnan(buf[c])) first_nan = c;
