@@ -42,6 +42,14 @@ _gumbel_quantize_kl_backward = define(
     reference.gumbel_quantize_kl_backward)
 
 
+def _needed(ctx, grad_logits, grad_codebook, grad_tau):
+    """The backward kernels' gradients as the inputs (logits, codebook, seed, tau, hard) take
+    them: None where an input needs none."""
+    needs = ctx.needs_input_grad
+    return (grad_logits if needs[0] else None, grad_codebook if needs[1] else None, None,
+            grad_tau if needs[3] else None, None)
+
+
 class _GumbelQuantize(OpFunction):
     @staticmethod
     def forward(logits, codebook, seed, tau, hard):
@@ -60,11 +68,7 @@ class _GumbelQuantize(OpFunction):
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices, grad_stats):
         logits, codebook, seed, tau, stats, indices = ctx.saved_tensors
-        grad_logits, grad_codebook, grad_tau = _gumbel_quantize_backward(grad_quantized, logits, codebook, seed,
-                                                                         tau, stats, indices)
-        needs = ctx.needs_input_grad
-        return (grad_logits if needs[0] else None, grad_codebook if needs[1] else None, None,
-                grad_tau if needs[3] else None, None)
+        return _needed(ctx, *_gumbel_quantize_backward(grad_quantized, logits, codebook, seed, tau, stats, indices))
 
 
 class _GumbelQuantizeKL(OpFunction):
@@ -82,11 +86,8 @@ class _GumbelQuantizeKL(OpFunction):
     @staticmethod
     def backward(ctx, grad_quantized, grad_indices, grad_stats, grad_kl):
         logits, codebook, seed, tau, stats, kl, indices = ctx.saved_tensors
-        grad_logits, grad_codebook, grad_tau = _gumbel_quantize_kl_backward(grad_quantized, grad_kl, logits, codebook,
-                                                                            seed, tau, stats, kl, indices)
-        needs = ctx.needs_input_grad
-        return (grad_logits if needs[0] else None, grad_codebook if needs[1] else None, None,
-                grad_tau if needs[3] else None, None)
+        return _needed(ctx, *_gumbel_quantize_kl_backward(grad_quantized, grad_kl, logits, codebook, seed, tau,
+                                                          stats, kl, indices))
 
 
 def gumbel_quantize(logits, codebook, tau=1.0, hard=False, dim=1, *, generator=None):
