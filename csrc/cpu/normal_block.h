@@ -53,12 +53,6 @@ FASTVAE_VEC_INLINE void philox_uniforms_consecutive(uint64_t seed, uint64_t firs
   philox_uniforms_vector(seed, c0, c1, u_radius, u_angle);
 }
 
-#if defined(__AVX512F__)
-// At the AVX-512 level the block's Philox runs on 16 groups at once in 512-bit registers
-// (simd.h's VecU holds 8: Philox was two thirds of reparameterize's time there).
-typedef uint32_t VecU16 __attribute__((vector_size(64)));
-#endif
-
 // philox_uniforms_vector of group first_group + j alone, by philox.h's scalar Philox.
 FASTVAE_VEC_INLINE void philox_uniforms_scalar(uint64_t seed, uint64_t first_group, int64_t j, float* u_radius,
                                                float* u_angle) {
@@ -85,9 +79,11 @@ inline void philox_uniforms(uint64_t seed, uint64_t first_group, int64_t groups,
   using namespace simd;
   int64_t j = 0;
 #if defined(__AVX512F__)
-  for (; j + 16 <= groups; j += 16) {
-    philox_uniforms_consecutive<VecU16, 1>(seed, first_group + static_cast<uint64_t>(j), u_radius + 2 * j,
-                                           u_angle + 2 * j);
+  // 16 groups at once in 512-bit registers (simd.h's VecU holds 8; Philox was two thirds
+  // of reparameterize's time at this level).
+  for (; j + kWideLanes <= groups; j += kWideLanes) {
+    philox_uniforms_consecutive<Wide::U, 1>(seed, first_group + static_cast<uint64_t>(j), u_radius + 2 * j,
+                                            u_angle + 2 * j);
   }
 #endif
   // Two sets at a time (see simd::PhiloxWord), then one.
