@@ -36,13 +36,14 @@ namespace fastvae {
 namespace {
 
 constexpr int64_t kBlock = kMaxNormalBlock;  // elements per block: 2 KiB per float array, all in L1
-// Blocks per parallel task: about 20 us of work on one core of this project's machine at
-// the AVX-512 level, so that the fork/join (a few us while the second thread spins, a
-// scheduler slice when it is descheduled) stays small against it. Generating the noise
-// costs about 0.65 ns an element (reparameterize's forward: 22 us at (256, 128)), the
-// arithmetic alone 0.2-0.35 ns (the KL 6-7 us there, the recovered sampling backward 11 us).
-constexpr int64_t kNoiseGrainBlocks = 64;        // 32K elements
-constexpr int64_t kArithmeticGrainBlocks = 128;  // 64K elements
+// Blocks per parallel task, at least: 16K elements, half of PyTorch's own elementwise
+// grain, as ours cost more per element (on one core of this project's machine at the
+// AVX-512 level: about 0.5 ns an element with the noise, 0.2-0.35 ns without). So the
+// sample-and-KL step at (256, 128) runs its four kernels on two threads, 5-9 us a task
+// against a fork/join of one or two while the second thread still spins. Measured on the
+// idle two-core machine (README, "Per-call overhead"), the step went from 88-93 us on one
+// thread to 73-80 us; with the second core busy, a split waits for it.
+constexpr int64_t kGrainBlocks = 32;
 constexpr int64_t kLanes = 16;         // float32 partial sums per block (two AVX2 vectors)
 
 template <typename T>
@@ -239,8 +240,7 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Forward& fw) {
     const Input<scalar_t> mu(mu_rows, cols), lv(lv_rows, cols), pm(pm_rows, cols), plv(plv_rows, cols);
     const Output<scalar_t> z_out{fw.sample ? z.data_ptr<scalar_t>() : nullptr};
     const Output<scalar_t> kl_out{fw.kl && fw.reduction == Reduction::kNone ? kl.data_ptr<scalar_t>() : nullptr};
-    for_each_block(n, fw.sample ? kNoiseGrainBlocks : kArithmeticGrainBlocks, [&](int64_t block, int64_t begin,
-                                                                                 int64_t len) {
+    for_each_block(n, kGrainBlocks, [&](int64_t block, int64_t begin, int64_t len) {
       alignas(64) float s_mu[kBlock], s_lv[kBlock], s_pm[kBlock], s_plv[kBlock], eps[kBlock], s_z[kBlock],
           s_kl[kBlock];
       if (fw.sample) {  // float32 loads are deferred to the arithmetic, after the noise
@@ -325,8 +325,7 @@ std::vector<at::Tensor> run_backward(const Backward& bw) {
     const Output<scalar_t>& g_mu_out = out[0];
     const Output<scalar_t>& g_lv_out = grads.size() > 1 ? out[1] : out[0];
     // The noise is regenerated where z cannot give it back (half types, no z).
-    for_each_block(n, sample && !recover ? kNoiseGrainBlocks : kArithmeticGrainBlocks, [&](int64_t, int64_t begin,
-                                                                                           int64_t len) {
+    for_each_block(n, kGrainBlocks, [&](int64_t, int64_t begin, int64_t len) {
       alignas(64) float s_gz[kBlock], s_gk[kBlock], s_mu[kBlock], s_lv[kBlock], s_pm[kBlock], s_plv[kBlock],
           s_z[kBlock], noise[kBlock], s_out[4][kBlock];
       const float* v = lv.load(begin, begin + len, s_lv);
