@@ -23,7 +23,8 @@ constexpr int64_t kBlock = kMaxNormalBlock;  // elements per block: 2 KiB per fl
 // sample-and-KL step at (256, 128) runs its four kernels on two threads, 5-9 us a task
 // against a fork/join of one or two while the second thread still spins. Measured on the
 // idle two-core machine (README, "Per-call overhead"), the step went from 88-93 us on one
-// thread to 73-80 us; with the second core busy, a split waits for it.
+// thread to 73-80 us in 13 processes of 19, and to 126-147 us in the 6 others (a state of
+// the VM that slowed eager too); with the second core busy, a split waits for it.
 constexpr int64_t kGrainBlocks = 32;
 constexpr int64_t kLanes = 16;         // float32 partial sums per block (two AVX2 vectors)
 
