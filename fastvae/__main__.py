@@ -55,7 +55,9 @@ def report():
         f"python {platform.python_version()} on {platform.platform()}",
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {_version('triton')}, "
         f"numpy {_version('numpy')}",
-        f"selected backend: {_backend.get_backend()} (FASTVAE_BACKEND={os.environ.get('FASTVAE_BACKEND', 'unset')})",
+        f"selected backend: {_backend.get_backend()} (FASTVAE_BACKEND={os.environ.get('FASTVAE_BACKEND', 'unset')})"
+        + ("" if _backend.get_backend() in _backend.NAMES
+           else f": not a backend (one of {', '.join(_backend.NAMES)}), so every op call raises ValueError"),
         "backends:",
         *(f"  {line}" for line in _backend_lines()),
         f"cpu: {platform.machine()} {platform.processor() or ''}".rstrip()

@@ -139,14 +139,18 @@ _register("native", "fastvae._native", _native_devices, KERNEL_DTYPES,
 _register("torch", "fastvae.reference", lambda: {"cpu", "cuda", "mps", "xpu", "meta"}, ALL_DTYPES, "")
 
 NAMES = ("auto",) + tuple(_BACKENDS)
-_global_choice = os.environ.get("FASTVAE_BACKEND", "auto")
+# Not checked here: an unknown name must not break `import fastvae` (nor `python -m
+# fastvae`, which reports it); each op call raises, naming the variable.
+_ENVIRONMENT_CHOICE = os.environ.get("FASTVAE_BACKEND", "auto")
+_global_choice = _ENVIRONMENT_CHOICE
 _scoped_choice = contextvars.ContextVar("fastvae_backend", default=None)
 _cache = {}
 
 
 def _check_name(name):
     if name not in NAMES:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, NAMES))}, got {name!r}")
+        origin = " (from the environment variable FASTVAE_BACKEND)" if name == _ENVIRONMENT_CHOICE else ""
+        raise ValueError(f"backend must be one of {', '.join(map(repr, NAMES))}, got {name!r}{origin}")
     return name
 
 

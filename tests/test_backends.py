@@ -70,6 +70,19 @@ def test_environment_variable_sets_the_default():
     assert out.stdout.strip() == "torch"
 
 
+def test_unknown_backend_in_the_environment_is_named_at_the_first_call_and_in_the_report():
+    # `import fastvae` and `python -m fastvae` still work; the report and each op call say what is wrong.
+    env = dict(os.environ, FASTVAE_BACKEND="fastest", TRITON_INTERPRET="0")
+    code = ("import torch, fastvae\n"
+            "try:\n    fastvae.gaussian_kl(torch.randn(2, 3), torch.randn(2, 3))\n"
+            "except ValueError as error:\n    print(error)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "got 'fastest' (from the environment variable FASTVAE_BACKEND)" in out
+    report = subprocess.run([sys.executable, "-m", "fastvae"], env=env, capture_output=True, text=True,
+                            check=True).stdout
+    assert "selected backend: fastest (FASTVAE_BACKEND=fastest): not a backend" in report
+
+
 @pytest.mark.parametrize("op", sorted(PUBLIC_CALLS))
 def test_every_public_op_runs_on_every_backend(op, backend):
     requires(backend, op)
