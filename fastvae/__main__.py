@@ -50,13 +50,14 @@ def _cpu_flags():
 
 def report():
     """The lines of the report, as printed by ``python -m fastvae``."""
+    backend = _backend.get_backend()
     lines = [
         f"fastvae {__version__} ({os.path.dirname(os.path.abspath(__file__))})",
         f"python {platform.python_version()} on {platform.platform()}",
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), triton {_version('triton')}, "
         f"numpy {_version('numpy')}",
-        f"selected backend: {_backend.get_backend()} (FASTVAE_BACKEND={os.environ.get('FASTVAE_BACKEND', 'unset')})"
-        + ("" if _backend.get_backend() in _backend.NAMES
+        f"selected backend: {backend} (FASTVAE_BACKEND={os.environ.get('FASTVAE_BACKEND', 'unset')})"
+        + ("" if backend in _backend.NAMES
            else f": not a backend (one of {', '.join(_backend.NAMES)}), so every op call raises ValueError"),
         "backends:",
         *(f"  {line}" for line in _backend_lines()),

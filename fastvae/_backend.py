@@ -140,16 +140,14 @@ _register("torch", "fastvae.reference", lambda: {"cpu", "cuda", "mps", "xpu", "m
 
 NAMES = ("auto",) + tuple(_BACKENDS)
 # Not checked here: an unknown name must not break `import fastvae` (nor `python -m
-# fastvae`, which reports it); each op call raises, naming the variable.
-_ENVIRONMENT_CHOICE = os.environ.get("FASTVAE_BACKEND", "auto")
-_global_choice = _ENVIRONMENT_CHOICE
+# fastvae`, which reports it); each op call raises (_resolve), naming the variable.
+_global_choice = os.environ.get("FASTVAE_BACKEND", "auto")
 _scoped_choice = contextvars.ContextVar("fastvae_backend", default=None)
 _cache = {}
 
 
-def _check_name(name):
+def _check_name(name, origin=""):
     if name not in NAMES:
-        origin = " (from the environment variable FASTVAE_BACKEND)" if name == _ENVIRONMENT_CHOICE else ""
         raise ValueError(f"backend must be one of {', '.join(map(repr, NAMES))}, got {name!r}{origin}")
     return name
 
@@ -219,7 +217,9 @@ def _implementation(backend, op, device_type):
 
 def _resolve(choice, op, device_type, dtype):
     if choice != "auto":
-        reason = _BACKENDS[_check_name(choice)].why_not(op, device_type, dtype)
+        # set_backend and use_backend check their names: an unknown one here came from the environment.
+        _check_name(choice, origin=" (from the environment variable FASTVAE_BACKEND)")
+        reason = _BACKENDS[choice].why_not(op, device_type, dtype)
         if reason is not None:
             raise BackendError(f"fastvae backend '{choice}' cannot run {op} on {device_type} {dtype}: {reason}")
         return _implementation(_BACKENDS[choice], op, device_type)
